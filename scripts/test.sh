@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The project's test command (README.md): installs and starts what the tests
+# need (scripts/setup.sh), then checks formatting and lints and runs every
+# test of the workspace. Run as root on Debian.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+
+export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
+export THAW_TEST_DATABASE_URL="${THAW_TEST_DATABASE_URL:-postgres://thaw:thaw@127.0.0.1:5432/thaw}"
+# Root filesystems built by the tests are cached here between runs, so a
+# second run does not debootstrap again.
+export THAW_TEST_CACHE_DIR="${THAW_TEST_CACHE_DIR:-/var/cache/thaw-test}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --workspace --locked -- --test-threads="${THAW_TEST_THREADS:-2}"
