@@ -1,6 +1,9 @@
 //! Files through a real envd: streamed round trips, refusals, listing,
 //! stat, mkdir, remove, move, and acting as another user.
 
+// Integration tests are a crate of their own: no test module to sit in.
+#![allow(clippy::tests_outside_test_module)]
+
 mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -19,7 +22,7 @@ async fn ten_mib_binary_round_trip_creates_parents() {
     let envd = Envd::start();
     let c = &envd.client;
     let data: Vec<u8> = (0..10 << 20)
-        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0])
         .collect();
     let path = envd.dir.path().join("a/b/c/blob.bin");
     let (status, body) = c

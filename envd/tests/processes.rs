@@ -1,6 +1,9 @@
 //! Processes through a real envd: exit codes, stdin, signals, PTY, background
 //! processes and reconnects, kill of a whole group, orphans, timeouts, floods.
 
+// Integration tests are a crate of their own: no test module to sit in.
+#![allow(clippy::tests_outside_test_module)]
+
 mod common;
 
 use std::time::{Duration, Instant};
