@@ -76,6 +76,13 @@ pub fn spawn(spec: &SpawnSpec) -> std::io::Result<Spawned> {
     let with_tty = spec.pty.is_some();
     let switch_user = spec.identity.uid != nix::unistd::geteuid().as_raw()
         || spec.identity.gid != nix::unistd::getegid().as_raw();
+    if !with_tty && !switch_user {
+        // The hot path: no code between fork and exec is needed, so std can
+        // use posix_spawn (a vfork, not a copy of envd's page tables); the
+        // child leads a new process group, which is what kills reach.
+        cmd.process_group(0);
+        return finish(cmd, master);
+    }
     // Allocated before fork: the closure below must not allocate.
     let groups: Vec<libc::gid_t> = spec.identity.groups.clone();
     let (uid, gid) = (spec.identity.uid, spec.identity.gid);
@@ -118,6 +125,11 @@ pub fn spawn(spec: &SpawnSpec) -> std::io::Result<Spawned> {
         cmd.pre_exec(pre_exec);
     }
 
+    finish(cmd, master)
+}
+
+/// Spawns the configured command and wraps its descriptors.
+fn finish(mut cmd: Command, master: Option<OwnedFd>) -> std::io::Result<Spawned> {
     let mut child = cmd.spawn()?;
     let pid = child.id();
     let stdin = child
