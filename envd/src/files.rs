@@ -25,7 +25,7 @@ use crate::user::Identity;
 /// Chunk size of file streams.
 const CHUNK: usize = 256 << 10;
 /// Chunks in flight between the disk thread and the connection.
-const CHUNKS_IN_FLIGHT: usize = 8;
+const CHUNKS_IN_FLIGHT: usize = 64;
 /// Deepest listing `/files/list` walks.
 const MAX_DEPTH: u32 = 32;
 /// Most entries one listing returns.
@@ -209,12 +209,23 @@ pub async fn write(
             })
             .map_err(|e| ApiError::io("create", &path, &e))?;
             let mut size = 0u64;
+            // Body frames are often small; gather what has arrived into one
+            // buffer so each write system call moves up to a CHUNK.
+            let mut pending: Vec<u8> = Vec::with_capacity(CHUNK);
             while let Some(chunk) = rx.blocking_recv() {
-                if let Err(e) = file.write_all(&chunk) {
+                pending.extend_from_slice(&chunk);
+                while pending.len() < CHUNK {
+                    match rx.try_recv() {
+                        Ok(more) => pending.extend_from_slice(&more),
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = file.write_all(&pending) {
                     let _ = std::fs::remove_file(&tmp);
                     return Err(ApiError::io("write", &path, &e));
                 }
-                size += chunk.len() as u64;
+                size += pending.len() as u64;
+                pending.clear();
             }
             Ok(size)
         })
