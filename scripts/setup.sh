@@ -23,6 +23,7 @@ packages=(
   postgresql       # gateway's database in distributed mode (tests)
   iproute2 procps util-linux psmisc e2fsprogs
   python3 ca-certificates curl
+  libclang-dev     # bindgen, for the userfaultfd crate (snapshot engine)
 )
 missing=()
 for p in "${packages[@]}"; do
