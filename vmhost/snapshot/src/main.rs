@@ -75,6 +75,12 @@ enum Command {
         /// Record the pages faulted in during the first N ms.
         #[arg(long)]
         record_ms: Option<u64>,
+        /// Threads installing the working set.
+        #[arg(long, default_value_t = 2)]
+        prefetch_threads: usize,
+        /// Pages installed per demand fault (1 = no fault-around).
+        #[arg(long, default_value_t = 16)]
+        fault_around: u32,
         /// Write a copy of FILE laid out with the recorded working set first.
         #[arg(long, requires = "record_ms")]
         save_working_set: Option<PathBuf>,
@@ -163,6 +169,8 @@ fn run(cmd: Command) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
             prefetch,
             prefetch_all,
             record_ms,
+            prefetch_threads,
+            fault_around,
             save_working_set,
         } => {
             let mem = Arc::new(MemoryFile::open(&file)?);
@@ -173,6 +181,8 @@ fn run(cmd: Command) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
                 prefetch,
                 prefetch_all,
                 record_for: record_ms.map(Duration::from_millis),
+                fault_around,
+                prefetch_threads,
             };
             let stats = serve(mem.clone(), conn, &opts)?;
             if let Some(out) = save_working_set {

@@ -46,8 +46,14 @@ pub struct ServeOptions {
     /// After the working set, install every other stored page too.
     pub prefetch_all: bool,
     /// Record the pages faulted in during this long after the first fault
-    /// (only when prefetch is off).
+    /// (only when prefetch is off). While recording, faults are served one
+    /// page at a time, so the record holds exactly the pages touched.
     pub record_for: Option<Duration>,
+    /// Threads installing the working set (0 means the default, 2).
+    pub prefetch_threads: usize,
+    /// Pages installed per demand fault (the faulting page and the ones
+    /// after it in the same extent); 0 means the default, 16.
+    pub fault_around: u32,
 }
 
 /// Figures of one restore.
@@ -180,6 +186,8 @@ struct Restore {
     stop: AtomicBool,
     pages_prefetched: AtomicU64,
     bytes_copied: AtomicU64,
+    /// Pages per demand fault.
+    fault_around: u32,
 }
 
 impl Restore {
@@ -246,6 +254,7 @@ pub fn serve(
     // into the Uffd, which closes it on drop.
     let uffd = unsafe { Uffd::from_raw_fd(uffd_fd.into_raw_fd()) };
     let pages = file.layout.guest_pages();
+    let recording = !opts.prefetch && opts.record_for.is_some();
     let restore = Arc::new(Restore {
         file,
         uffd,
@@ -255,14 +264,26 @@ pub fn serve(
         stop: AtomicBool::new(false),
         pages_prefetched: AtomicU64::new(0),
         bytes_copied: AtomicU64::new(0),
+        fault_around: if recording {
+            1
+        } else if opts.fault_around == 0 {
+            FAULT_AROUND_PAGES
+        } else {
+            opts.fault_around
+        },
     });
     let ws = restore.file.layout.working_set.clone();
     let prefetcher = (opts.prefetch && (!ws.is_empty() || opts.prefetch_all)).then(|| {
         let r = restore.clone();
         let all = opts.prefetch_all;
+        let threads = if opts.prefetch_threads == 0 {
+            2
+        } else {
+            opts.prefetch_threads
+        };
         std::thread::Builder::new()
             .name("uffd-prefetch".into())
-            .spawn(move || prefetch(&r, &ws, all))
+            .spawn(move || prefetch(&r, &ws, all, threads))
     });
     let prefetcher = match prefetcher {
         Some(Ok(h)) => Some(h),
@@ -519,15 +540,21 @@ fn serve_fault(r: &Restore, addr: u64, stats: &mut RestoreStats) -> Result<Serve
     };
     let dst = page_addr as *mut libc::c_void;
     let src = if r.removed.get(p) { None } else { r.source(p)? };
+    // Fault-around: a guest that touches one page usually touches its
+    // neighbours next, and one bulk copy costs about what one page does.
+    let len = match src {
+        Some(_) => fault_around(r, p, page_addr),
+        None => PAGE_SIZE,
+    };
     let result = match src {
         // SAFETY: `dst` is a page-aligned address inside a region the peer
         // registered with this userfaultfd; the kernel validates the range
         // and fails the ioctl rather than touching anything else.
         None => unsafe { r.uffd.zeropage(dst, PAGE_SIZE, true) }.map(|_| 0),
-        // SAFETY: `src` points at PAGE_SIZE readable bytes inside the
-        // memory file's read-only mapping, which outlives this call; `dst`
-        // is validated by the kernel as above.
-        Some(src) => unsafe { r.uffd.copy(src.cast(), dst, PAGE_SIZE, true) },
+        // SAFETY: `src..src+len` lies inside the memory file's read-only
+        // mapping (pages of one verified extent, see `fault_around`), which
+        // outlives this call; `dst` is validated by the kernel as above.
+        Some(src) => unsafe { r.uffd.copy(src.cast(), dst, len, true) },
     };
     match result {
         Ok(n) => {
@@ -545,6 +572,13 @@ fn serve_fault(r: &Restore, addr: u64, stats: &mut RestoreStats) -> Result<Serve
                 let _ = r.uffd.wake(dst, PAGE_SIZE);
                 Ok(Served::Done)
             }
+            // A fault-around copy stopped at a page already present: the
+            // faulting page itself was installed.
+            UffdFailure::Again(n) if n > 0 => {
+                stats.demand_faults += 1;
+                stats.bytes_copied += n as u64;
+                Ok(Served::Done)
+            }
             UffdFailure::Again(_) => Ok(Served::Retry),
             // The range went away under us (unmapped, or the guest exited).
             UffdFailure::Gone => Ok(Served::Done),
@@ -556,119 +590,129 @@ fn serve_fault(r: &Restore, addr: u64, stats: &mut RestoreStats) -> Result<Serve
     }
 }
 
+/// Pages served together on a demand fault by default.
+const FAULT_AROUND_PAGES: u32 = 16;
+
+/// How many bytes from `page` on can be copied in one go: the following
+/// pages of the same data extent (contiguous in the file), inside the same
+/// region, not removed, up to `FAULT_AROUND_PAGES`.
+fn fault_around(r: &Restore, page: u64, page_addr: u64) -> usize {
+    let l = &r.file.layout;
+    let Some(i) = l.find(page) else {
+        return PAGE_SIZE;
+    };
+    let extent_end = l.extents[i].end();
+    let mut pages = 1u64;
+    while pages < u64::from(r.fault_around) && page + pages < extent_end {
+        let next = page + pages;
+        if r.removed.get(next) || r.host_addr(next) != Some(page_addr + pages * PAGE_SIZE as u64) {
+            break;
+        }
+        pages += 1;
+    }
+    usize::try_from(pages).unwrap_or(1) * PAGE_SIZE
+}
+
 /// A run the prefetcher installs with one ioctl.
+#[derive(Debug, Clone, Copy)]
 struct Batch {
+    /// Guest host address.
     dst: u64,
-    src: Option<*const u8>,
+    /// Address of the bytes in the file mapping; `None` for zero pages.
+    src: Option<usize>,
     len: usize,
+}
+
+/// Plans the ioctls that install `pages` in order: runs contiguous in the
+/// guest and in the file, up to `MAX_BATCH` each; removed pages are skipped.
+fn plan(r: &Restore, pages: impl Iterator<Item = u64>) -> Vec<Batch> {
+    let mut out: Vec<Batch> = Vec::new();
+    for p in pages {
+        if r.removed.get(p) {
+            continue;
+        }
+        let (Some(dst), Ok(src)) = (r.host_addr(p), r.source(p)) else {
+            continue;
+        };
+        let src = src.map(|s| s as usize);
+        if let Some(b) = out.last_mut() {
+            let contiguous = b.dst + b.len as u64 == dst
+                && b.len < MAX_BATCH
+                && match (b.src, src) {
+                    (None, None) => true,
+                    (Some(s), Some(t)) => s + b.len == t,
+                    _ => false,
+                };
+            if contiguous {
+                b.len += PAGE_SIZE;
+                continue;
+            }
+        }
+        out.push(Batch {
+            dst,
+            src,
+            len: PAGE_SIZE,
+        });
+    }
+    out
+}
+
+/// Installs `batches` from `threads` threads, taking them in order.
+fn install_all(r: &Restore, batches: &[Batch], threads: usize) -> bool {
+    let next = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let work = || loop {
+        let i = usize::try_from(next.fetch_add(1, Ordering::Relaxed)).unwrap_or(usize::MAX);
+        let Some(b) = batches.get(i) else { return };
+        if !install(r, b) {
+            failed.store(true, Ordering::Relaxed);
+            return;
+        }
+    };
+    std::thread::scope(|s| {
+        for _ in 1..threads.max(1) {
+            s.spawn(work);
+        }
+        work();
+    });
+    !failed.load(Ordering::Relaxed)
 }
 
 /// Installs `ws` (then, with `all`, every other stored page); returns the
 /// times until the working set and until everything was in.
-fn prefetch(r: &Restore, ws: &[WsRun], all: bool) -> (Option<u64>, Option<u64>) {
-    let mut batch: Option<Batch> = None;
-    let mut ok = true;
-    let page = |p: u64, batch: &mut Option<Batch>| -> bool {
-        if r.stop.load(Ordering::Relaxed) {
-            return false;
-        }
-        if r.removed.get(p) {
-            return flush(r, batch);
-        }
-        let (Some(dst), Ok(src)) = (r.host_addr(p), r.source(p)) else {
-            return flush(r, batch);
-        };
-        let extends = batch.as_ref().is_some_and(|b| {
-            b.dst + b.len as u64 == dst
-                && b.len < MAX_BATCH
-                && match (b.src, src) {
-                    (None, None) => true,
-                    // SAFETY (pointer arithmetic only, no access): both
-                    // pointers are inside the same read-only mapping.
-                    (Some(s), Some(t)) => s.wrapping_add(b.len) == t,
-                    _ => false,
-                }
-        });
-        if extends {
-            if let Some(b) = batch.as_mut() {
-                b.len += PAGE_SIZE;
-            }
-            true
-        } else {
-            let fine = flush(r, batch);
-            *batch = Some(Batch {
-                dst,
-                src,
-                len: PAGE_SIZE,
-            });
-            fine
-        }
-    };
-    for run in ws {
-        for p in run.guest_page..run.guest_page + run.pages {
-            if !page(p, &mut batch) {
-                ok = false;
-                break;
-            }
-        }
-        if !ok {
-            break;
-        }
-    }
-    ok = ok && flush(r, &mut batch);
+fn prefetch(r: &Restore, ws: &[WsRun], all: bool, threads: usize) -> (Option<u64>, Option<u64>) {
+    let batches = plan(
+        r,
+        ws.iter()
+            .flat_map(|run| run.guest_page..run.guest_page + run.pages),
+    );
+    let mut ok = install_all(r, &batches, threads);
     let ws_us = ok.then(|| duration_us(r.started.elapsed()));
     if ok && all {
-        for e in &r.file.layout.extents {
-            if e.kind != ExtentKind::Data {
-                continue;
-            }
-            for p in e.guest_page..e.end() {
-                if !page(p, &mut batch) {
-                    ok = false;
-                    break;
-                }
-            }
-            if !ok {
-                break;
-            }
-        }
-        ok = ok && flush(r, &mut batch);
+        let data = r
+            .file
+            .layout
+            .extents
+            .iter()
+            .filter(|e| e.kind == ExtentKind::Data)
+            .flat_map(|e| e.guest_page..e.end());
+        let rest = plan(r, data);
+        ok = install_all(r, &rest, threads);
     }
     (ws_us, ok.then(|| duration_us(r.started.elapsed())))
 }
 
-/// Installs a batch; on `EEXIST` (some page already there) falls back to
-/// page by page. Returns false when prefetching should stop.
-fn flush(r: &Restore, batch: &mut Option<Batch>) -> bool {
-    let Some(b) = batch.take() else { return true };
-    match install(r, &b) {
-        Install::Done => true,
-        Install::Stop => false,
-        Install::Exists => {
-            for k in 0..b.len / PAGE_SIZE {
-                let one = Batch {
-                    dst: b.dst + (k * PAGE_SIZE) as u64,
-                    src: b.src.map(|s| s.wrapping_add(k * PAGE_SIZE)),
-                    len: PAGE_SIZE,
-                };
-                if let Install::Stop = install(r, &one) {
-                    return false;
-                }
-            }
-            true
-        }
-    }
-}
-
-enum Install {
-    Done,
-    Exists,
-    Stop,
-}
-
-fn install(r: &Restore, b: &Batch) -> Install {
+/// Installs `b` with as few ioctls as the kernel allows: a copy stops at
+/// the first page already present (the guest faulted it in meanwhile) and
+/// reports how far it got (`EAGAIN` with a count); `EEXIST` means the very
+/// first page is present. Either way the rest of the run is retried in
+/// bulk from past that page, never page by page.
+fn install(r: &Restore, b: &Batch) -> bool {
     let mut done = 0usize;
     while done < b.len {
+        if r.stop.load(Ordering::Relaxed) {
+            return false;
+        }
         let dst = (b.dst + done as u64) as *mut libc::c_void;
         let len = b.len - done;
         let res = match b.src {
@@ -679,42 +723,34 @@ fn install(r: &Restore, b: &Batch) -> Install {
             // SAFETY: `src+done..src+len` is inside the memory file's
             // read-only mapping (built from contiguous pages of verified
             // extents), which outlives this call.
-            Some(s) => unsafe { r.uffd.copy(s.wrapping_add(done).cast(), dst, len, true) },
+            Some(s) => unsafe {
+                r.uffd
+                    .copy((s + done) as *const libc::c_void, dst, len, true)
+            },
         };
-        match res {
-            Ok(n) => {
-                if b.src.is_some() {
-                    r.bytes_copied.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                r.pages_prefetched
-                    .fetch_add((n / PAGE_SIZE) as u64, Ordering::Relaxed);
-                done += n.max(PAGE_SIZE);
-            }
+        let n = match res {
+            Ok(n) => n,
             Err(e) => match classify(e) {
-                UffdFailure::Again(n) => {
-                    r.bytes_copied.fetch_add(n as u64, Ordering::Relaxed);
-                    r.pages_prefetched
-                        .fetch_add((n / PAGE_SIZE) as u64, Ordering::Relaxed);
-                    done += n;
-                    if r.stop.load(Ordering::Relaxed) {
-                        return Install::Stop;
-                    }
-                }
+                UffdFailure::Again(n) => n,
                 UffdFailure::Exists => {
-                    return if b.len == PAGE_SIZE {
-                        Install::Done
-                    } else {
-                        Install::Exists
-                    };
+                    // The first page is there already: skip it.
+                    done += PAGE_SIZE;
+                    continue;
                 }
                 other => {
                     tracing::debug!(error = ?other, "prefetch stopped");
-                    return Install::Stop;
+                    return false;
                 }
             },
+        };
+        if b.src.is_some() {
+            r.bytes_copied.fetch_add(n as u64, Ordering::Relaxed);
         }
+        r.pages_prefetched
+            .fetch_add((n / PAGE_SIZE) as u64, Ordering::Relaxed);
+        done += n;
     }
-    Install::Done
+    true
 }
 
 #[cfg(test)]

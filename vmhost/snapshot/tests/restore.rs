@@ -43,7 +43,11 @@ fn expect_page(guest: &Guest, img: &[u8], p: u64) {
 #[test]
 fn demand_faults_serve_every_byte_and_zero_pages() {
     let f = fixture(30, 1);
-    let server = Server::start(f.dir.path(), &f.file, ServeOptions::default());
+    let one_page = ServeOptions {
+        fault_around: 1,
+        ..ServeOptions::default()
+    };
+    let server = Server::start(f.dir.path(), &f.file, one_page);
     let guest = Guest::connect(&server.socket, f.img.len(), 3).unwrap();
     let all: Vec<u64> = (0..PAGES as u64).collect();
     let order = Rng(3).shuffle(&all);
@@ -63,7 +67,11 @@ fn demand_faults_serve_every_byte_and_zero_pages() {
 #[test]
 fn concurrent_faults_from_several_threads() {
     let f = fixture(50, 2);
-    let server = Server::start(f.dir.path(), &f.file, ServeOptions::default());
+    let one_page = ServeOptions {
+        fault_around: 1,
+        ..ServeOptions::default()
+    };
+    let server = Server::start(f.dir.path(), &f.file, one_page);
     let guest = Guest::connect(&server.socket, f.img.len(), 1).unwrap();
     let all: Vec<u64> = (0..PAGES as u64).collect();
     // Eight "vCPUs", overlapping: every page is touched by two threads.
