@@ -246,6 +246,27 @@ impl Guest {
         self.check()
     }
 
+    /// Unmaps pages as a VMM tearing down part of guest memory would: the
+    /// page server gets an UNMAP event. The pages must not be touched
+    /// afterwards.
+    pub fn unmap(&self, first_page: u64, pages: u64) -> Result<(), HarnessError> {
+        let at = usize::try_from(first_page)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(PAGE_SIZE);
+        let len = usize::try_from(pages).unwrap_or(0) * PAGE_SIZE;
+        assert!(at + len <= self.size, "range outside the guest");
+        let ptr =
+            NonNull::new((self.base + at) as *mut libc::c_void).ok_or(HarnessError::Setup {
+                op: "unmap pages",
+                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            })?;
+        // SAFETY: the range is inside our own mapping and callers promise
+        // not to touch it again; `drop` unmapping it a second time is
+        // harmless.
+        unsafe { munmap(ptr, len) }.map_err(setup("munmap"))?;
+        self.check()
+    }
+
     /// Ends the restore: closes the socket, so the page server returns.
     pub fn finish(mut self) -> Result<(), HarnessError> {
         self.finished.store(true, Ordering::Release);

@@ -115,6 +115,22 @@ fn removed_pages_read_as_zero_afterwards() {
 }
 
 #[test]
+fn unmapping_a_region_is_followed_and_the_rest_keeps_serving() {
+    let f = fixture(70, 11);
+    let server = Server::start(f.dir.path(), &f.file, ServeOptions::default());
+    // Two regions of 2048 pages; the second goes away.
+    let guest = Guest::connect(&server.socket, f.img.len(), 2).unwrap();
+    guest.touch(&[0, 2048, 3000]).unwrap();
+    guest.unmap(2048, 2048).unwrap();
+    for p in [1u64, 500, 2047] {
+        expect_page(&guest, &f.img, p);
+    }
+    guest.finish().unwrap();
+    let stats = server.join().unwrap();
+    assert!(stats.events >= 1, "{stats:?}");
+}
+
+#[test]
 fn recorded_working_set_is_prefetched_on_the_next_restore() {
     let f = fixture(60, 5);
     let all: Vec<u64> = (0..PAGES as u64).collect();
