@@ -35,6 +35,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# Node.js for the node runner's tests (any node on PATH will do).
+if ! command -v node >/dev/null 2>&1; then
+  log "installing nodejs"
+  apt-get install -y -qq --no-install-recommends nodejs >/dev/null
+fi
+
 # Redis: a plain daemon on loopback; no systemd needed.
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   log "starting redis on 127.0.0.1:6379"

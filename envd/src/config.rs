@@ -12,6 +12,9 @@ use crate::transport::ListenAddr;
 ///
 /// Inside a sandbox envd dials out to the host (`--dial`); for tests and
 /// direct use it listens (`--listen`). Give at least one.
+///
+/// `envd exec-runner [--socket PATH] -- PROG ARG…` is the warm runner of
+/// runtimes that cannot listen themselves (see `envd exec-runner --help`).
 #[derive(Debug, Clone, Parser)]
 #[command(name = "envd", version, about, long_about)]
 pub struct Config {
@@ -45,4 +48,8 @@ pub struct Config {
     /// Filesystem whose size `/metrics` reports as the disk.
     #[arg(long, env = "THAW_ENVD_DISK_PATH", default_value = "/")]
     pub disk_path: PathBuf,
+
+    /// The warm runner's Unix socket, where `POST /run` hands jobs.
+    #[arg(long, env = "THAW_RUNNER_SOCKET", default_value = crate::run::DEFAULT_RUNNER_SOCKET)]
+    pub runner_socket: PathBuf,
 }

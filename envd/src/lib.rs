@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod error;
+pub mod exec_runner;
 pub mod files;
 pub mod fsid;
 pub mod init;
@@ -15,6 +16,7 @@ pub mod json;
 pub mod metrics;
 pub mod ports;
 pub mod process;
+pub mod run;
 pub mod snapshot;
 pub mod state;
 pub mod transport;
@@ -60,6 +62,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ports", get(ports::list))
         .route("/ports/{port}/tunnel", get(tunnel))
         .route("/metrics", get(metrics::metrics))
+        .route("/run", post(run::run))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

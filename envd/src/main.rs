@@ -9,6 +9,18 @@ use envd::state::{AppState, StateConfig};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "exec-runner")
+    {
+        let args = envd::exec_runner::ExecRunnerArgs::parse_from(std::env::args_os().skip(1));
+        let err = envd::exec_runner::exec_runner(args);
+        eprintln!(
+            "envd exec-runner: {err}: {}",
+            std::error::Error::source(&err).map_or_else(String::new, ToString::to_string)
+        );
+        return ExitCode::from(127);
+    }
     let config = Config::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -54,6 +66,7 @@ async fn run(config: Config) -> std::io::Result<()> {
         drop_caches: config.drop_caches,
         output_buffer_bytes: config.output_buffer_bytes,
         disk_path: config.disk_path.clone(),
+        runner_socket: config.runner_socket.clone(),
     });
     state.scanner.start();
     tokio::spawn(envd::process::run_reaper(state.processes.clone()));

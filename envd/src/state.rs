@@ -40,6 +40,8 @@ pub struct StateConfig {
     pub output_buffer_bytes: usize,
     /// Path whose filesystem `/metrics` reports as the disk.
     pub disk_path: PathBuf,
+    /// The warm runner's socket, for `/run`.
+    pub runner_socket: PathBuf,
 }
 
 /// The quiesce switch: `/snapshot/prepare` turns it on (every host

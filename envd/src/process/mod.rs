@@ -57,6 +57,8 @@ pub struct Process {
     /// Its events.
     pub output: Output,
     exit: Mutex<Option<ExitInfo>>,
+    /// Set when a run's deadline killed it (reported as `timed_out`).
+    deadline_kill: std::sync::atomic::AtomicBool,
 }
 
 /// A process as listed by `GET /processes`.
@@ -108,6 +110,14 @@ impl Process {
             Err(nix::errno::Errno::ESRCH) => Ok(()),
             other => other,
         }
+    }
+
+    /// Kills the whole group because a deadline passed; its exit is then
+    /// reported with `timed_out: true`.
+    pub fn kill_for_deadline(&self) {
+        self.deadline_kill
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.signal_group(Signal::SIGKILL);
     }
 
     /// Its listing.
@@ -261,6 +271,7 @@ impl Processes {
             stdin: tokio::sync::Mutex::new(None),
             output: Output::new(self.output_cap),
             exit: Mutex::new(None),
+            deadline_kill: std::sync::atomic::AtomicBool::new(false),
         });
         self.lock().procs.insert(pid, proc.clone());
         let subscription = new.subscribe.then(|| proc.output.subscribe(false));
@@ -457,7 +468,7 @@ async fn supervise(
         code,
         signal,
         duration_ms,
-        timed_out,
+        timed_out: timed_out || proc.deadline_kill.load(std::sync::atomic::Ordering::SeqCst),
     };
     *proc
         .exit

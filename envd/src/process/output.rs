@@ -46,6 +46,13 @@ pub enum Event {
         #[serde(serialize_with = "serialize_bytes")]
         data: Bytes,
     },
+    /// A rich output a runner sent (a PNG figure, ...).
+    Output {
+        /// Its MIME type.
+        mime_type: String,
+        /// Its bytes, base64 as the runner sent them.
+        data: String,
+    },
     /// The process exited: always the last event of a stream.
     Exit(ExitInfo),
     /// The stream failed: the last event of a stream that has no exit.
