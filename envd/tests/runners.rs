@@ -53,14 +53,40 @@ async fn run_job(envd: &Envd, sock: &Path, tag: &str, job: Value) -> Run {
     s.collect_run(T).await
 }
 
-/// Runs `code` through a fresh Python runner and through `python3 -c`, and
-/// checks both agree on stdout and exit status.
-async fn python_agrees(envd: &Envd, n: usize, code: &str, args: &[&str], stdin: &[u8]) -> Run {
-    let tag = format!("py{n}");
-    let runner = runtimes().join("python/runner.py");
+/// An interpreter, its runner, and the flag that runs code directly.
+struct Interp {
+    program: &'static str,
+    runner: &'static str,
+    flag: &'static str,
+}
+
+const PYTHON: Interp = Interp {
+    program: "/usr/bin/python3",
+    runner: "python/runner.py",
+    flag: "-c",
+};
+const NODE: Interp = Interp {
+    program: "node",
+    runner: "node/runner.js",
+    flag: "-e",
+};
+
+/// Runs `code` through a fresh warm runner and through the interpreter
+/// directly (`python3 -c`, `node -e`), and checks both agree on stdout and
+/// exit status.
+async fn agrees(
+    envd: &Envd,
+    interp: &Interp,
+    n: usize,
+    code: &str,
+    args: &[&str],
+    stdin: &[u8],
+) -> Run {
+    let tag = format!("{}{n}", interp.flag.trim_start_matches('-'));
+    let runner = runtimes().join(interp.runner);
     let sock = start_runner(
         envd,
-        "/usr/bin/python3",
+        interp.program,
         &[runner.to_str().unwrap()],
         json!({}),
         &tag,
@@ -75,8 +101,8 @@ async fn python_agrees(envd: &Envd, n: usize, code: &str, args: &[&str], stdin: 
     .await;
     let direct = {
         use std::io::Write;
-        let mut child = Command::new("/usr/bin/python3")
-            .arg("-c")
+        let mut child = Command::new(interp.program)
+            .arg(interp.flag)
             .arg(code)
             .args(args)
             .current_dir("/")
@@ -99,6 +125,14 @@ async fn python_agrees(envd: &Envd, n: usize, code: &str, args: &[&str], stdin: 
         "status of {code:?}"
     );
     r
+}
+
+async fn python_agrees(envd: &Envd, n: usize, code: &str, args: &[&str], stdin: &[u8]) -> Run {
+    agrees(envd, &PYTHON, n, code, args, stdin).await
+}
+
+async fn node_agrees(envd: &Envd, n: usize, code: &str, args: &[&str], stdin: &[u8]) -> Run {
+    agrees(envd, &NODE, n, code, args, stdin).await
 }
 
 #[tokio::test]
@@ -260,46 +294,6 @@ async fn rich_outputs_come_back_as_output_events_and_timeouts_are_reported() {
     .await;
     assert_eq!(r.exit["timed_out"], true);
     assert_eq!(r.exit["signal"], 9);
-}
-
-/// Runs `code` through a fresh Node.js runner and through `node -e`.
-async fn node_agrees(envd: &Envd, n: usize, code: &str, args: &[&str], stdin: &[u8]) -> Run {
-    let tag = format!("node{n}");
-    let runner = runtimes().join("node/runner.js");
-    let sock = start_runner(envd, "node", &[runner.to_str().unwrap()], json!({}), &tag).await;
-    let r = run_job(
-        envd,
-        &sock,
-        &tag,
-        json!({"code": code, "args": args, "stdin": enc(stdin), "cwd": "/"}),
-    )
-    .await;
-    let direct = {
-        use std::io::Write;
-        let mut child = Command::new("node")
-            .arg("-e")
-            .arg(code)
-            .args(args)
-            .current_dir("/")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(stdin).unwrap();
-        child.wait_with_output().unwrap()
-    };
-    assert_eq!(
-        r.out(),
-        String::from_utf8_lossy(&direct.stdout),
-        "stdout of {code:?}"
-    );
-    assert_eq!(
-        r.exit["code"].as_i64(),
-        direct.status.code().map(i64::from),
-        "status of {code:?}"
-    );
-    r
 }
 
 #[tokio::test]

@@ -230,36 +230,43 @@ impl Guest {
     /// Gives pages back as a balloon would (`MADV_DONTNEED`): the page
     /// server gets a REMOVE event, and the pages read as zero afterwards.
     pub fn remove(&self, first_page: u64, pages: u64) -> Result<(), HarnessError> {
-        let at = usize::try_from(first_page)
-            .unwrap_or(usize::MAX)
-            .saturating_mul(PAGE_SIZE);
-        let len = usize::try_from(pages).unwrap_or(0) * PAGE_SIZE;
-        assert!(at + len <= self.size, "range outside the guest");
-        let ptr =
-            NonNull::new((self.base + at) as *mut libc::c_void).ok_or(HarnessError::Setup {
-                op: "remove pages",
-                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
-            })?;
+        let (ptr, len) = self.range(first_page, pages)?;
         // SAFETY: the range is inside our own anonymous mapping; dropping
         // its pages only makes later reads fault again.
         unsafe { madvise(ptr, len, MmapAdvise::MADV_DONTNEED) }.map_err(setup("madvise"))?;
         self.check()
     }
 
+    /// The address and length of a page range, checked to lie inside.
+    fn range(
+        &self,
+        first_page: u64,
+        pages: u64,
+    ) -> Result<(NonNull<libc::c_void>, usize), HarnessError> {
+        let bad = || HarnessError::Setup {
+            op: "page range",
+            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        };
+        let at = usize::try_from(first_page)
+            .map_err(|_| bad())?
+            .checked_mul(PAGE_SIZE)
+            .ok_or_else(bad)?;
+        let len = usize::try_from(pages)
+            .map_err(|_| bad())?
+            .checked_mul(PAGE_SIZE)
+            .ok_or_else(bad)?;
+        if at.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(bad());
+        }
+        let ptr = NonNull::new((self.base + at) as *mut libc::c_void).ok_or_else(bad)?;
+        Ok((ptr, len))
+    }
+
     /// Unmaps pages as a VMM tearing down part of guest memory would: the
     /// page server gets an UNMAP event. The pages must not be touched
     /// afterwards.
     pub fn unmap(&self, first_page: u64, pages: u64) -> Result<(), HarnessError> {
-        let at = usize::try_from(first_page)
-            .unwrap_or(usize::MAX)
-            .saturating_mul(PAGE_SIZE);
-        let len = usize::try_from(pages).unwrap_or(0) * PAGE_SIZE;
-        assert!(at + len <= self.size, "range outside the guest");
-        let ptr =
-            NonNull::new((self.base + at) as *mut libc::c_void).ok_or(HarnessError::Setup {
-                op: "unmap pages",
-                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
-            })?;
+        let (ptr, len) = self.range(first_page, pages)?;
         // SAFETY: the range is inside our own mapping and callers promise
         // not to touch it again; `drop` unmapping it a second time is
         // harmless.
