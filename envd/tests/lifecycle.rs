@@ -200,6 +200,22 @@ async fn ports_are_listed_and_tunnels_carry_bytes() {
         .unwrap();
     assert_eq!(&buf, b"connect");
 
+    // CONNECT over HTTP/2 (a stream of the connection becomes the tunnel).
+    let mut h2 = common::h2_sender(&c.sock).await;
+    let req = Request::connect(format!("127.0.0.1:{port}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut io = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    io.write_all(b"over h2").await.unwrap();
+    let mut buf = [0u8; 7];
+    tokio::time::timeout(T, io.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"over h2");
+
     // Refusals: nothing listening, no upgrade header, bad port, foreign host.
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
