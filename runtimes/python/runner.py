@@ -97,6 +97,12 @@ def main():
     conn, job = take_job()
     sys.modules["thaw_runner_conn"] = conn
     status = run(job)
+    hooks = sys.modules.get("thaw_runner_hooks")
+    if hooks is not None:
+        try:
+            hooks.after_job(conn)
+        except Exception:  # a hook must not change the job's outcome
+            traceback.print_exc()
     try:
         conn.close()
     except OSError:

@@ -1,0 +1,131 @@
+//! The vmhost binary. For now: `vmhost template build`, which builds
+//! templates from the recipes of runtimes/ with per-step progress.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use template::builder::{build, describe, BuildConfig};
+use template::sandbox::Runsc;
+
+/// thaw's host agent (one per machine).
+#[derive(Debug, Parser)]
+#[command(name = "vmhost", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Top,
+}
+
+#[derive(Debug, Subcommand)]
+enum Top {
+    /// Templates: root filesystems built from runtimes/ recipes.
+    Template {
+        #[command(subcommand)]
+        command: TemplateCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TemplateCmd {
+    /// Build templates (cached: an unchanged recipe takes well under a
+    /// second), printing each step, its output and its time.
+    Build {
+        /// Runtimes to build (folders of --runtimes-dir).
+        names: Vec<String>,
+        /// Build every runtime that has a recipe.
+        #[arg(long)]
+        all: bool,
+        /// Print progress as JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The folder of runtimes.
+        #[arg(long, env = "THAW_RUNTIMES_DIR", default_value = "runtimes")]
+        runtimes_dir: PathBuf,
+        /// Cache of bases and built layers.
+        #[arg(long, env = "THAW_CACHE_DIR", default_value = "/var/cache/thaw")]
+        cache_dir: PathBuf,
+        /// State directory (templates' metadata).
+        #[arg(long, env = "THAW_DATA_DIR", default_value = "/var/lib/thaw")]
+        data_dir: PathBuf,
+        /// The runsc binary.
+        #[arg(long, env = "THAW_RUNSC", default_value = "runsc")]
+        runsc: PathBuf,
+        /// runsc platform (ptrace here; systrap on newer releases).
+        #[arg(long, env = "THAW_RUNSC_PLATFORM", default_value = "ptrace")]
+        platform: String,
+        /// Debian mirror for the base.
+        #[arg(
+            long,
+            env = "THAW_DEBIAN_MIRROR",
+            default_value = "http://deb.debian.org/debian"
+        )]
+        mirror: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let Top::Template { command } = Cli::parse().command;
+    let TemplateCmd::Build {
+        names,
+        all,
+        json,
+        runtimes_dir,
+        cache_dir,
+        data_dir,
+        runsc,
+        platform,
+        mirror,
+    } = command;
+    let mut names = names;
+    if all {
+        match std::fs::read_dir(&runtimes_dir) {
+            Ok(rd) => {
+                let mut found: Vec<String> = rd
+                    .filter_map(Result::ok)
+                    .filter(|e| e.path().join("recipe").is_file())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                found.sort();
+                names.extend(found);
+            }
+            Err(e) => {
+                eprintln!("vmhost: cannot read {}: {e}", runtimes_dir.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if names.is_empty() {
+        eprintln!("vmhost: name the templates to build, or --all");
+        return ExitCode::from(2);
+    }
+    let cfg = BuildConfig {
+        runsc: Runsc {
+            binary: runsc,
+            platform,
+            state_dir: cache_dir.join("runsc-state"),
+        },
+        runtimes_dir,
+        cache_dir,
+        data_dir,
+        mirror,
+    };
+    for name in names {
+        let mut print = |e: &template::builder::BuildEvent| {
+            if json {
+                println!("{}", serde_json::to_string(e).unwrap_or_default());
+            } else if let Some(line) = describe(e) {
+                println!("{line}");
+            }
+        };
+        if let Err(e) = build(&name, &cfg, &mut print) {
+            eprintln!("vmhost: building {name}: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                eprintln!("  caused by: {s}");
+                src = s.source();
+            }
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
