@@ -53,6 +53,10 @@ enum TemplateCmd {
         /// runsc platform (ptrace here; systrap on newer releases).
         #[arg(long, env = "THAW_RUNSC_PLATFORM", default_value = "ptrace")]
         platform: String,
+        /// An uploaded tar, tar.gz or zip archive that COPY reads from
+        /// instead of the runtime's folder.
+        #[arg(long)]
+        context_archive: Option<PathBuf>,
         /// Debian mirror for the base.
         #[arg(
             long,
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
         data_dir,
         runsc,
         platform,
+        context_archive,
         mirror,
     } = command;
     let mut names = names;
@@ -108,6 +113,7 @@ fn main() -> ExitCode {
         cache_dir,
         data_dir,
         mirror,
+        context_archive,
     };
     for name in names {
         let mut print = |e: &template::builder::BuildEvent| {

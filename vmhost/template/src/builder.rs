@@ -43,6 +43,9 @@ pub struct BuildConfig {
     pub runsc: Runsc,
     /// Debian mirror for debootstrap.
     pub mirror: String,
+    /// An uploaded tar, tar.gz or zip archive COPY reads from instead of
+    /// the runtime's folder.
+    pub context_archive: Option<PathBuf>,
 }
 
 /// Progress of a build, as it happens.
@@ -160,6 +163,15 @@ pub enum BuildError {
     },
 }
 
+/// A directory removed when dropped.
+struct ScratchDir(PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BuildError {
     let path = path.to_path_buf();
     move |source| BuildError::Io { op, path, source }
@@ -183,7 +195,23 @@ pub fn build(
     let started = Instant::now();
     let folder = cfg.runtimes_dir.join(name);
     let recipe = parse_file(&folder.join("recipe"))?;
-    let ctx = Context::new(&cfg.runtimes_dir, &folder)?;
+    // An uploaded archive is unpacked (refusing entries that climb out)
+    // into a scratch directory that lives as long as the build.
+    let unpacked = match &cfg.context_archive {
+        Some(archive) => {
+            let dir = cfg
+                .cache_dir
+                .join("contexts")
+                .join(format!("{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            Some((Context::from_archive(archive, &dir)?, ScratchDir(dir)))
+        }
+        None => None,
+    };
+    let ctx = match &unpacked {
+        Some((ctx, _)) => ctx.clone(),
+        None => Context::new(&cfg.runtimes_dir, &folder)?,
+    };
     let hash = layer_hash(&recipe, &ctx)?;
     progress(&BuildEvent::Started {
         template: name.into(),
@@ -446,6 +474,7 @@ fn build_layer(
                 user: as_user.clone(),
                 binds,
                 network: "host",
+                readonly_root: false,
             };
             let id = format!("thaw-build-{short}-{}-{n}", std::process::id());
             let code = run_step(

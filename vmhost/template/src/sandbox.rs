@@ -86,6 +86,9 @@ pub struct StepSpec<'a> {
     pub binds: Vec<(PathBuf, String)>,
     /// Network: `host` for build steps.
     pub network: &'a str,
+    /// Keep the root read-only, writes going to memory (for running a
+    /// built image without changing it); build steps write the tree.
+    pub readonly_root: bool,
 }
 
 /// Why a step could not run (its own failure is an exit status, not this).
@@ -153,7 +156,7 @@ pub fn write_bundle(bundle: &Path, spec: &StepSpec<'_>) -> Result<(), SandboxErr
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 65536, "soft": 65536}],
             "noNewPrivileges": false,
         },
-        "root": {"path": spec.rootfs, "readonly": false},
+        "root": {"path": spec.rootfs, "readonly": spec.readonly_root},
         "hostname": "thaw-build",
         "mounts": mounts,
         "linux": {"namespaces": namespaces},
@@ -182,7 +185,11 @@ pub fn run_step(
         .arg(format!("--root={}", runsc.state_dir.display()))
         .arg(format!("--platform={}", runsc.platform))
         .arg(format!("--network={}", spec.network))
-        .arg("--overlay2=none")
+        .arg(if spec.readonly_root {
+            "--overlay2=root:memory"
+        } else {
+            "--overlay2=none"
+        })
         .arg("--ignore-cgroups")
         .arg("run")
         .arg("--bundle")

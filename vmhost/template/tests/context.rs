@@ -5,6 +5,7 @@
 #![allow(clippy::tests_outside_test_module)]
 
 use std::os::unix::fs::symlink;
+use std::path::Path;
 
 use template::context::{Context, ContextError};
 
@@ -81,4 +82,145 @@ fn escapes_are_refused() {
         ctx.files_under(&python),
         Err(ContextError::SymlinkEscapes { .. })
     ));
+}
+
+/// A tar holding `entries` (name, kind, data or link target), names written
+/// raw so hostile ones (`..`, absolute) can be made.
+fn tar_with(entries: &[(&str, tar::EntryType, &[u8])], gz: bool) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, kind, data) in entries {
+        let mut h = tar::Header::new_old();
+        let raw = &mut h.as_old_mut().name;
+        raw[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_entry_type(*kind);
+        h.set_mode(0o644);
+        if kind.is_symlink() || *kind == tar::EntryType::Link {
+            h.set_link_name(std::str::from_utf8(data).unwrap()).unwrap();
+            h.set_size(0);
+            h.set_cksum();
+            b.append(&h, std::io::empty()).unwrap();
+        } else {
+            h.set_size(data.len() as u64);
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+    }
+    let bytes = b.into_inner().unwrap();
+    if gz {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&bytes).unwrap();
+        e.finish().unwrap()
+    } else {
+        bytes
+    }
+}
+
+#[test]
+fn uploaded_archives_unpack_into_a_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("ctx.tar.gz");
+    std::fs::write(
+        &archive,
+        tar_with(
+            &[
+                ("app/", tar::EntryType::Directory, b""),
+                ("app/main.py", tar::EntryType::Regular, b"print(1)"),
+                ("app/link.py", tar::EntryType::Symlink, b"main.py"),
+            ],
+            true,
+        ),
+    )
+    .unwrap();
+    let ctx = Context::from_archive(&archive, &dir.path().join("out")).unwrap();
+    assert_eq!(
+        std::fs::read(ctx.resolve("app/main.py").unwrap()).unwrap(),
+        b"print(1)"
+    );
+    assert!(ctx.resolve("app/link.py").unwrap().ends_with("app/main.py"));
+    assert!(matches!(
+        ctx.resolve("../ctx.tar.gz"),
+        Err(ContextError::Escapes(_))
+    ));
+
+    // The same as a zip.
+    let zpath = dir.path().join("ctx.zip");
+    {
+        use std::io::Write;
+        let mut z = zip::ZipWriter::new(std::fs::File::create(&zpath).unwrap());
+        z.start_file("lib/x.txt", zip::write::SimpleFileOptions::default())
+            .unwrap();
+        z.write_all(b"x").unwrap();
+        z.finish().unwrap();
+    }
+    let ctx = Context::from_archive(&zpath, &dir.path().join("zout")).unwrap();
+    assert_eq!(
+        std::fs::read(ctx.resolve("lib/x.txt").unwrap()).unwrap(),
+        b"x"
+    );
+}
+
+#[test]
+fn hostile_archive_entries_are_refused_before_anything_lands_outside() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "dotdot",
+            tar_with(&[("../evil", tar::EntryType::Regular, b"x")], false),
+        ),
+        (
+            "nested dotdot",
+            tar_with(&[("a/../../evil", tar::EntryType::Regular, b"x")], true),
+        ),
+        (
+            "absolute",
+            tar_with(&[("/tmp/thaw-evil", tar::EntryType::Regular, b"x")], false),
+        ),
+        (
+            "symlink out",
+            tar_with(&[("leak", tar::EntryType::Symlink, b"../../etc")], false),
+        ),
+        (
+            "absolute symlink",
+            tar_with(&[("leak", tar::EntryType::Symlink, b"/etc/passwd")], false),
+        ),
+        (
+            "hard link",
+            tar_with(
+                &[
+                    ("a", tar::EntryType::Regular, b"x"),
+                    ("b", tar::EntryType::Link, b"/etc/passwd"),
+                ],
+                false,
+            ),
+        ),
+        (
+            "device",
+            tar_with(&[("dev", tar::EntryType::Char, b"")], false),
+        ),
+    ];
+    for (what, bytes) in cases {
+        let archive = dir.path().join(format!("{what}.tar"));
+        std::fs::write(&archive, bytes).unwrap();
+        let out = dir.path().join(format!("out-{what}"));
+        let err = Context::from_archive(&archive, &out).unwrap_err();
+        assert!(
+            matches!(err, ContextError::ArchiveEntry { .. }),
+            "{what}: {err}"
+        );
+    }
+    assert!(!dir.path().join("evil").exists());
+    assert!(!Path::new("/tmp/thaw-evil").exists());
+    let zpath = dir.path().join("evil.zip");
+    {
+        use std::io::Write;
+        let mut z = zip::ZipWriter::new(std::fs::File::create(&zpath).unwrap());
+        z.start_file("../zip-evil", zip::write::SimpleFileOptions::default())
+            .unwrap();
+        z.write_all(b"x").unwrap();
+        z.finish().unwrap();
+    }
+    let err = Context::from_archive(&zpath, &dir.path().join("zout")).unwrap_err();
+    assert!(matches!(err, ContextError::ArchiveEntry { .. }), "{err}");
+    assert!(!dir.path().join("zip-evil").exists());
 }

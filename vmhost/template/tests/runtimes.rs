@@ -47,6 +47,7 @@ fn config(data: &Path) -> BuildConfig {
         data_dir: data.to_path_buf(),
         mirror: std::env::var("THAW_DEBIAN_MIRROR")
             .unwrap_or_else(|_| "http://deb.debian.org/debian".into()),
+        context_archive: None,
     }
 }
 
