@@ -594,6 +594,9 @@ fn build_layer(
                     vec![(ctx.root().to_path_buf(), CONTEXT_MOUNT.into())],
                     "/",
                 )?;
+                // The mount point runsc made is not part of the image (an
+                // empty directory; `remove_dir` never follows a symlink).
+                let _ = std::fs::remove_dir(tree.join(CONTEXT_MOUNT.trim_start_matches('/')));
             }
         }
         progress(&BuildEvent::StepDone {
