@@ -24,6 +24,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy  # noqa: E402
 import pandas  # noqa: E402,F401
 
+# Tests set this to play a snapshot: generator state fixed at import, as in
+# every restore of one snapshot (runner.py does the same for `random`).
+if os.environ.get("THAW_RUNNER_SEED_AT_IMPORT") is not None:
+    numpy.random.seed(int(os.environ["THAW_RUNNER_SEED_AT_IMPORT"]))
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import runner  # noqa: E402
 

@@ -231,6 +231,9 @@ async fn start_runners(c: &mut SendRequest<Full<Bytes>>, t: &Template, count: us
     for i in 0..count {
         let mut env = serde_json::to_value(&t.summary.env).unwrap();
         env["THAW_RUNNER_SOCKET"] = json!(format!("/tmp/r{i}.sock"));
+        // Every runner starts from the same generator state, as every
+        // restore of one snapshot does; jobs must still differ.
+        env["THAW_RUNNER_SEED_AT_IMPORT"] = json!("0");
         // `envd exec-runner` takes its socket as a flag too.
         let (status, body) = call(
             c,
@@ -414,13 +417,32 @@ async fn python_data_returns_figures_as_png() {
     let (t, _) = build_quiet("python-data", data.path());
     let sb = Sandbox::start(&t);
     let mut c = sb.client().await;
-    start_runners(&mut c, &t, 2).await;
+    start_runners(&mut c, &t, 4).await;
     let code = "import sys, time\nt = time.time()\nimport numpy as np, pandas as pd, matplotlib.pyplot as plt\nassert time.time() - t < 0.5, 'imports were not warm'\ndf = pd.DataFrame({'x': np.arange(5)})\nplt.plot(df['x'], df['x'] ** 2)\nprint(int(df['x'].sum()))";
     let j = job(&mut c, 0, json!({"code": code})).await;
     assert_eq!((j.out.as_str(), j.code), ("10\n", Some(0)), "{}", j.err);
     assert_eq!(j.outputs.len(), 1, "{:?}", j.outputs);
     assert_eq!(j.outputs[0]["mime_type"], "image/png");
     assert!(b64(&j.outputs[0]["data"]).starts_with(b"\x89PNG\r\n\x1a\n"));
+    // Two restores of one snapshot (seeded alike at import) draw different
+    // numbers: numpy.random is re-seeded per job.
+    let draws = [
+        job(
+            &mut c,
+            2,
+            json!({"code": "import numpy; print(numpy.random.rand())"}),
+        )
+        .await
+        .out,
+        job(
+            &mut c,
+            3,
+            json!({"code": "import numpy; print(numpy.random.rand())"}),
+        )
+        .await
+        .out,
+    ];
+    assert_ne!(draws[0], draws[1], "numpy.random repeats across restores");
     // A saved figure comes back once, even if it stays open.
     let j = job(&mut c, 1, json!({"code": "import matplotlib.pyplot as plt\nplt.bar([1, 2], [3, 4])\nplt.savefig('/tmp/f.png')"})).await;
     assert_eq!(j.code, Some(0), "{}", j.err);
