@@ -265,7 +265,7 @@ pub fn build(
 /// The hash naming a layer: base, recipe text, and every COPY source.
 fn layer_hash(recipe: &Recipe, ctx: &Context) -> Result<String, BuildError> {
     let mut h = Sha256::new();
-    h.update(b"thaw-template-v1\0");
+    h.update(b"thaw-template-v2\0");
     h.update(BASE.as_bytes());
     h.update(b"\0minbase\0");
     let text = std::fs::read(&recipe.file).map_err(io("read", &recipe.file))?;
@@ -369,6 +369,14 @@ fn ensure_base(
             code: status.code(),
             tail: tail.join("\n"),
         });
+    }
+    // The packages debootstrap downloaded are not part of the image.
+    if let Ok(rd) = std::fs::read_dir(tmp.join("var/cache/apt/archives")) {
+        for e in rd.filter_map(Result::ok) {
+            if e.path().extension().is_some_and(|x| x == "deb") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
     // Build steps resolve names with the host's resolver settings.
     let resolv = tmp.join("etc/resolv.conf");
