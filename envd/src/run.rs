@@ -117,7 +117,7 @@ pub async fn run(
     // Live events only: what the runner printed before the job is not part
     // of it. Subscribing before the job is sent means nothing is missed.
     let sub = proc.output.subscribe(false);
-    let mut conn = UnixStream::connect(&socket).await.map_err(|e| {
+    let mut conn = connect_runner(&socket).await.map_err(|e| {
         ApiError::new(
             axum::http::StatusCode::BAD_GATEWAY,
             "runner_unreachable",
@@ -180,6 +180,31 @@ pub async fn run(
         Some((Ok(ev.to_line()), (rx, guard)))
     });
     Ok(ndjson(stream))
+}
+
+/// How long `/run` keeps trying a runner socket that is not listening yet.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Connects to the runner. A socket file appears at `bind`, a moment before
+/// the runner calls `listen`; a connect in between is refused. So refused
+/// and missing sockets are retried briefly (a READY check that saw the file
+/// may have raced the runner's `listen`).
+async fn connect_runner(socket: &std::path::Path) -> std::io::Result<UnixStream> {
+    let deadline = tokio::time::Instant::now() + CONNECT_PATIENCE;
+    loop {
+        match UnixStream::connect(socket).await {
+            Ok(c) => return Ok(c),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Forwards the runner's events and the rich outputs from its socket, in

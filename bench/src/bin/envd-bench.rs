@@ -67,9 +67,10 @@ fn start_envd() -> Result<Envd> {
         .spawn()
         .context("starting envd")?;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
+    // The file appears at bind, a moment before listen: wait for a connect.
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
         if Instant::now() > deadline {
-            bail!("envd did not create {}", sock.display());
+            bail!("envd did not listen on {}", sock.display());
         }
         std::thread::sleep(Duration::from_millis(5));
     }

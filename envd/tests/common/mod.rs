@@ -48,9 +48,14 @@ impl Envd {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn envd");
+        // The socket file appears at bind, a moment before listen: wait
+        // until a connection is accepted, not just for the file.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "envd did not create its socket");
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "envd did not listen on its socket"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         Envd {

@@ -51,6 +51,23 @@ fn setup(op: &'static str) -> impl FnOnce(nix::Error) -> HarnessError {
     }
 }
 
+/// Connects, retrying briefly while the socket exists but is not listening
+/// yet (a listener's file appears at bind, just before listen).
+fn connect_patiently(socket: &Path) -> std::io::Result<UnixStream> {
+    let deadline = std::time::Instant::now() + STARTUP;
+    loop {
+        match UnixStream::connect(socket) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Guest memory served by a page server.
 pub struct Guest {
     base: usize,
@@ -99,7 +116,7 @@ impl Guest {
                 op: "register guest memory",
                 source: std::io::Error::other(e.to_string()),
             })?;
-        let conn = UnixStream::connect(socket).map_err(|source| HarnessError::Setup {
+        let conn = connect_patiently(socket).map_err(|source| HarnessError::Setup {
             op: "connect to the page server",
             source,
         })?;

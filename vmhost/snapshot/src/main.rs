@@ -174,8 +174,13 @@ fn run(cmd: Command) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
             save_working_set,
         } => {
             let mem = Arc::new(MemoryFile::open(&file)?);
-            let _ = std::fs::remove_file(&socket);
-            let listener = std::os::unix::net::UnixListener::bind(&socket)?;
+            // Bound and listening under a temporary name, then renamed: the
+            // socket appears only once it accepts, so a peer that waits for
+            // the file is never refused.
+            let tmp = socket.with_extension("binding");
+            let _ = std::fs::remove_file(&tmp);
+            let listener = std::os::unix::net::UnixListener::bind(&tmp)?;
+            std::fs::rename(&tmp, &socket)?;
             let (conn, _) = listener.accept()?;
             let opts = ServeOptions {
                 prefetch,
