@@ -232,7 +232,8 @@ fn prefetch_all_leaves_nothing_to_fault() {
         },
     );
     let guest = Guest::connect(&server.socket, f.img.len(), 1).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // Ample time for ~7 MiB on a loaded machine (it takes ~20 ms idle).
+    std::thread::sleep(Duration::from_millis(2000));
     for p in data_pages(&f.img) {
         expect_page(&guest, &f.img, p);
     }
