@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use bench::{Report, Row, Summary};
 use template::builder::{build, tree_size, BuildConfig};
-use template::sandbox::{run_step, Runsc, StepSpec, StepUser};
+use template::sandbox::{run_step, StepSpec, StepUser};
 
 const RUNTIMES: [&str; 4] = ["bash", "python", "node", "python-data"];
 const COLD_RUNS: usize = 5;
@@ -25,18 +25,7 @@ fn repo() -> PathBuf {
 }
 
 fn config(cache: &Path, data: &Path) -> BuildConfig {
-    BuildConfig {
-        runtimes_dir: repo().join("runtimes"),
-        runsc: Runsc {
-            binary: PathBuf::from("runsc"),
-            platform: "ptrace".into(),
-            state_dir: cache.join("runsc-state"),
-        },
-        cache_dir: cache.to_path_buf(),
-        data_dir: data.to_path_buf(),
-        mirror: "http://deb.debian.org/debian".into(),
-        context_archive: None,
-    }
+    BuildConfig::new(&repo().join("runtimes"), cache, data)
 }
 
 /// Runs `argv` in a cold sandbox of `rootfs`; returns wall time and stdout.

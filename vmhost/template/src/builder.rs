@@ -48,6 +48,29 @@ pub struct BuildConfig {
     pub context_archive: Option<PathBuf>,
 }
 
+impl BuildConfig {
+    /// A configuration with this machine's defaults: `runsc` on PATH with
+    /// the ptrace platform (state under the cache), Debian's main mirror,
+    /// COPY reading from the runtime folders.
+    pub fn new(runtimes_dir: &Path, cache_dir: &Path, data_dir: &Path) -> BuildConfig {
+        BuildConfig {
+            runtimes_dir: runtimes_dir.to_path_buf(),
+            runsc: Runsc {
+                binary: PathBuf::from("runsc"),
+                platform: "ptrace".into(),
+                state_dir: cache_dir.join("runsc-state"),
+            },
+            cache_dir: cache_dir.to_path_buf(),
+            data_dir: data_dir.to_path_buf(),
+            mirror: DEFAULT_MIRROR.into(),
+            context_archive: None,
+        }
+    }
+}
+
+/// Debian's mirror, for the base.
+pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+
 /// Progress of a build, as it happens.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -163,6 +186,24 @@ pub enum BuildError {
     },
 }
 
+/// Takes an exclusive lock on `path` (created if missing), held until the
+/// returned guard drops.
+fn lock(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, BuildError> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io("open", path))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
+        BuildError::Io {
+            op: "lock",
+            path: path.to_path_buf(),
+            source: e.into(),
+        }
+    })
+}
+
 /// A directory removed when dropped.
 struct ScratchDir(PathBuf);
 
@@ -230,20 +271,7 @@ pub fn build(
     // One build of a layer at a time (another build, or a test thread,
     // may be making the same one): whoever waited finds it done.
     std::fs::create_dir_all(&layers).map_err(io("create", &layers))?;
-    let lock_path = layers.join(format!("{hash}.lock"));
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(io("open", &lock_path))?;
-    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive).map_err(
-        |(_, e)| BuildError::Io {
-            op: "lock",
-            path: lock_path.clone(),
-            source: e.into(),
-        },
-    )?;
+    let _lock = lock(&layers.join(format!("{hash}.lock")))?;
     if done_marker.exists() && rootfs.is_dir() {
         progress(&BuildEvent::Cached {
             template: name.into(),
@@ -313,20 +341,7 @@ fn ensure_base(
     let dir = cfg.cache_dir.join("base");
     std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
     let base = dir.join("bookworm-minbase");
-    let lock_path = dir.join("lock");
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(io("open", &lock_path))?;
-    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive).map_err(
-        |(_, e)| BuildError::Io {
-            op: "lock",
-            path: lock_path.clone(),
-            source: e.into(),
-        },
-    )?;
+    let _lock = lock(&dir.join("lock"))?;
     if base.join(".thaw-base-done").exists() {
         return Ok(base);
     }

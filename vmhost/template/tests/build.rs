@@ -10,7 +10,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use template::builder::{build, BuildConfig, BuildError, BuildEvent};
-use template::sandbox::Runsc;
 
 fn cache_dir() -> PathBuf {
     std::env::var_os("THAW_TEST_CACHE_DIR")
@@ -18,20 +17,11 @@ fn cache_dir() -> PathBuf {
 }
 
 fn config(runtimes: &Path, data: &Path) -> BuildConfig {
-    let cache = cache_dir();
-    BuildConfig {
-        runtimes_dir: runtimes.to_path_buf(),
-        runsc: Runsc {
-            binary: PathBuf::from("runsc"),
-            platform: "ptrace".into(),
-            state_dir: cache.join("runsc-state"),
-        },
-        cache_dir: cache,
-        data_dir: data.to_path_buf(),
-        mirror: std::env::var("THAW_DEBIAN_MIRROR")
-            .unwrap_or_else(|_| "http://deb.debian.org/debian".into()),
-        context_archive: None,
+    let mut cfg = BuildConfig::new(runtimes, &cache_dir(), data);
+    if let Ok(m) = std::env::var("THAW_DEBIAN_MIRROR") {
+        cfg.mirror = m;
     }
+    cfg
 }
 
 #[test]

@@ -19,7 +19,6 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use template::builder::{build, BuildConfig, BuildEvent, Template};
 use template::recipe::Command as RecipeCommand;
-use template::sandbox::Runsc;
 
 const T: Duration = Duration::from_secs(120);
 
@@ -35,20 +34,11 @@ fn cache_dir() -> PathBuf {
 }
 
 fn config(data: &Path) -> BuildConfig {
-    let cache = cache_dir();
-    BuildConfig {
-        runtimes_dir: repo().join("runtimes"),
-        runsc: Runsc {
-            binary: PathBuf::from("runsc"),
-            platform: "ptrace".into(),
-            state_dir: cache.join("runsc-state"),
-        },
-        cache_dir: cache,
-        data_dir: data.to_path_buf(),
-        mirror: std::env::var("THAW_DEBIAN_MIRROR")
-            .unwrap_or_else(|_| "http://deb.debian.org/debian".into()),
-        context_archive: None,
+    let mut cfg = BuildConfig::new(&repo().join("runtimes"), &cache_dir(), data);
+    if let Ok(m) = std::env::var("THAW_DEBIAN_MIRROR") {
+        cfg.mirror = m;
     }
+    cfg
 }
 
 /// The envd binary of this workspace (built by `cargo test --workspace`).
