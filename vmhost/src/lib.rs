@@ -1,6 +1,20 @@
 //! vmhost, the host agent: one per machine.
 //!
-//! It will own the sandboxes of its machine behind one `Driver` seam (a
-//! gVisor driver here, a Firecracker driver on KVM hosts), templates as
-//! snapshots and the host's HTTP API. Nothing of that is built yet; the
-//! snapshot engine it will use is the `snapshot` crate in `vmhost/snapshot/`.
+//! It owns the sandboxes of its machine behind one [`driver::Driver`] seam
+//! (the gVisor driver here; a Firecracker driver on KVM hosts), turns
+//! templates into snapshots ([`templates`]), and serves the host API
+//! ([`api::router`]). [`host::Host`] is the core every route calls.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod config;
+pub mod driver;
+pub mod envd_link;
+pub mod error;
+pub mod host;
+pub mod hostinfo;
+pub mod metrics;
+pub mod snapshots;
+pub mod sys;
+pub mod templates;

@@ -1,5 +1,6 @@
-//! The vmhost binary. For now: `vmhost template build`, which builds
-//! templates from the recipes of runtimes/ with per-step progress.
+//! The vmhost binary: `vmhost serve` runs the host agent (config →
+//! tracing → core → router → graceful drain); `vmhost template build`
+//! builds template root filesystems from the recipes of runtimes/.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,6 +19,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Top {
+    /// Run the host agent: sandboxes, templates and snapshots of this
+    /// machine behind an HTTP API. Leftovers of a previous run (processes,
+    /// cgroups, sockets) are removed at start.
+    Serve(vmhost::config::ServeArgs),
     /// Templates: root filesystems built from runtimes/ recipes.
     Template {
         #[command(subcommand)]
@@ -68,7 +73,10 @@ enum TemplateCmd {
 }
 
 fn main() -> ExitCode {
-    let Top::Template { command } = Cli::parse().command;
+    let command = match Cli::parse().command {
+        Top::Serve(args) => return serve(args),
+        Top::Template { command } => command,
+    };
     let TemplateCmd::Build {
         names,
         all,
@@ -134,4 +142,59 @@ fn main() -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+fn serve(args: vmhost::config::ServeArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("vmhost=info")),
+        )
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vmhost: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmhost: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: vmhost::config::ServeArgs) -> Result<(), String> {
+    let driver = args.driver().map_err(|e| e.to_string())?;
+    let host = vmhost::host::Host::new(args.host_config(), driver)
+        .await
+        .map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("listen on {}: {e}", args.listen))?;
+    tracing::info!(listen = %args.listen, "vmhost serving");
+    let app = vmhost::api::router(host.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| format!("serving: {e}"))?;
+    tracing::info!("draining: destroying every sandbox");
+    host.shutdown().await;
+    Ok(())
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }
