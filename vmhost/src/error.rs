@@ -46,6 +46,9 @@ pub enum HostError {
     /// The limits asked for exceed what this host has.
     #[error("{0}")]
     LimitsExceedHost(String),
+    /// A limit that a restore cannot change (it lives in the snapshot).
+    #[error("{0}")]
+    LimitFixed(String),
     /// No room for another sandbox now.
     #[error("{0}")]
     NoCapacity(String),
@@ -75,7 +78,9 @@ impl HostError {
             | HostError::Busy { .. }
             | HostError::WrongState { .. }
             | HostError::RunnerSpent(_) => StatusCode::CONFLICT,
-            HostError::LimitsExceedHost(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            HostError::LimitsExceedHost(_) | HostError::LimitFixed(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             HostError::NoCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
             HostError::SandboxFailed(_) | HostError::Envd(_) => StatusCode::BAD_GATEWAY,
             HostError::BuildFailed(_) | HostError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -98,6 +103,7 @@ impl HostError {
             },
             HostError::RunnerSpent(_) => "runner_spent",
             HostError::LimitsExceedHost(_) => "limits_exceed_host",
+            HostError::LimitFixed(_) => "limit_fixed_by_snapshot",
             HostError::NoCapacity(_) => "no_capacity",
             HostError::SandboxFailed(_) => "sandbox_failed",
             HostError::Envd(_) => "envd_unavailable",

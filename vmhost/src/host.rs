@@ -402,6 +402,19 @@ impl Host {
     /// against the host.
     fn limits(&self, base: Limits, req: &CreateRequest) -> Result<Limits, HostError> {
         let r = req.limits.unwrap_or_default();
+        // The process limit (an rlimit of the processes inside) and the
+        // scratch disk (a tmpfs mount) are part of the restored state:
+        // only memory, CPU and wall time apply anew to a restore.
+        for (field, asked, fixed) in [
+            ("pids", r.pids, base.pids),
+            ("disk_bytes", r.disk_bytes, base.disk_bytes),
+        ] {
+            if asked.is_some_and(|a| a != fixed) {
+                return Err(HostError::LimitFixed(format!(
+                    "limits.{field} is fixed by the snapshot at {fixed}; set it in the template's LIMIT and rebuild"
+                )));
+            }
+        }
         let l = Limits {
             memory_bytes: r.memory_bytes.unwrap_or(base.memory_bytes),
             cpu_millis: r.cpu_millis.unwrap_or(base.cpu_millis),

@@ -95,7 +95,19 @@ impl GvisorDriver {
         dir.join("runsc")
     }
 
-    fn runsc(&self, dir: &Path) -> Command {
+    /// A runsc command for the sandbox in `dir`. Its output goes to
+    /// `<dir>/runsc.log`, not to pipes: a detached sandbox inherits them
+    /// and would hold them open for its whole life.
+    fn runsc(&self, dir: &Path) -> Result<Command, DriverError> {
+        let log_path = dir.join("runsc.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io_err(format!("open {}", log_path.display())))?;
+        let log2 = log
+            .try_clone()
+            .map_err(io_err(format!("open {}", log_path.display())))?;
         let mut c = Command::new(&self.cfg.runsc);
         c.arg(format!("--root={}", Self::runsc_root(dir).display()))
             .arg(format!("--platform={}", self.cfg.platform))
@@ -106,10 +118,10 @@ impl GvisorDriver {
                 "--cpu-num-from-quota",
             ])
             .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
+            .stdout(log)
+            .stderr(log2)
             .kill_on_drop(true);
-        c
+        Ok(c)
     }
 
     async fn start(&self, spec: &SandboxSpec) -> Result<GvisorState, DriverError> {
@@ -127,7 +139,7 @@ impl GvisorDriver {
         std::fs::write(bundle_dir.join("config.json"), config.to_string())
             .map_err(io_err("write config.json"))?;
         let pid_file = spec.dir.join("pid");
-        let mut cmd = self.runsc(&spec.dir);
+        let mut cmd = self.runsc(&spec.dir)?;
         match image {
             None => {
                 cmd.arg("run");
@@ -141,12 +153,12 @@ impl GvisorDriver {
             .arg(format!("--bundle={}", bundle_dir.display()))
             .arg(format!("--pid-file={}", pid_file.display()))
             .arg(&spec.id);
-        let out = cmd
-            .output()
+        let status = cmd
+            .status()
             .await
             .map_err(io_err(format!("start {}", self.cfg.runsc.display())))?;
-        if !out.status.success() {
-            return Err(DriverError::Start(runsc_failure(&out)));
+        if !status.success() {
+            return Err(DriverError::Start(runsc_failure(status, &spec.dir)));
         }
         let pid = std::fs::read_to_string(&pid_file)
             .ok()
@@ -197,8 +209,9 @@ impl GvisorDriver {
 }
 
 /// The last lines runsc printed, for an error message.
-fn runsc_failure(out: &std::process::Output) -> String {
-    let text = String::from_utf8_lossy(&out.stderr);
+fn runsc_failure(status: std::process::ExitStatus, dir: &Path) -> String {
+    let raw = std::fs::read(dir.join("runsc.log")).unwrap_or_default();
+    let text = String::from_utf8_lossy(&raw);
     let tail: Vec<&str> = text
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -206,7 +219,7 @@ fn runsc_failure(out: &std::process::Output) -> String {
         .take(3)
         .collect();
     let tail: Vec<&str> = tail.into_iter().rev().collect();
-    format!("runsc exited with {}: {}", out.status, tail.join(" | "))
+    format!("runsc exited with {status}: {}", tail.join(" | "))
 }
 
 fn state(s: &DriverState) -> &GvisorState {
@@ -276,22 +289,22 @@ impl Driver for GvisorDriver {
         }
         std::fs::create_dir_all(image).map_err(io_err(format!("create {}", image.display())))?;
         let started = Instant::now();
-        let out = self
-            .runsc(&g.dir)
+        let status = self
+            .runsc(&g.dir)?
             .arg("checkpoint")
             .arg(format!("--image-path={}", image.display()))
             .arg(&g.id)
-            .output()
+            .status()
             .await
             .map_err(io_err("run runsc checkpoint"))?;
         let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let result = if out.status.success() {
+        let result = if status.success() {
             Ok(SnapshotInfo {
                 size_bytes: dir_size(image),
                 duration_ms,
             })
         } else {
-            Err(DriverError::Snapshot(runsc_failure(&out)))
+            Err(DriverError::Snapshot(runsc_failure(status, &g.dir)))
         };
         // The checkpointed sandbox has exited (or, on failure, is of no
         // further use: its envd closed every connection); remove it.
