@@ -127,10 +127,19 @@ pub async fn run(
             ),
         )
     })?;
+    // The sandbox's environment (from `/init`) under the job's own: a
+    // runner started before the snapshot has not seen it.
+    let mut env = state
+        .session
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .env
+        .clone();
+    env.extend(req.env.clone());
     let mut line = serde_json::to_vec(&Job {
         code: &req.code,
         args: &req.args,
-        env: &req.env,
+        env: &env,
         cwd: req.cwd.as_deref(),
     })
     .map_err(|e| ApiError::internal(format!("encoding the job: {e}")))?;
