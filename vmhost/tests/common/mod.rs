@@ -216,41 +216,33 @@ impl TestHost {
 impl Drop for TestHost {
     fn drop(&mut self) {
         // A test that failed halfway leaves sandboxes: remove them as a
-        // restarted vmhost would, then the cgroup parent.
-        let sandboxes = self.run.path().join("sandboxes");
-        let parent = self.cgroup_parent.clone();
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            if let Ok(d) = GvisorDriver::new(gvisor_config(&parent)) {
-                let _ = rt.block_on(d.cleanup_orphans(&sandboxes));
-            }
-            for c in [
-                "freezer",
-                "memory",
-                "pids",
-                "cpu",
-                "cpuacct",
-                "cpuset",
-                "devices",
-                "blkio",
-                "net_cls",
-                "net_prio",
-                "perf_event",
-                "hugetlb",
-                "rdma",
-                "misc",
-                "systemd",
-            ] {
-                let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(c).join(&parent));
-            }
-        })
-        .join();
+        // restarted vmhost would.
+        remove_leftovers(&self.run.path().join("sandboxes"), &self.cgroup_parent);
     }
+}
+
+/// Removes every sandbox under `sandboxes` (processes, cgroups, files) as
+/// a restarted vmhost does, then the cgroup parent.
+pub fn remove_leftovers(sandboxes: &Path, cgroup_parent: &str) {
+    let sandboxes = sandboxes.to_path_buf();
+    let parent = cgroup_parent.to_string();
+    let _ = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        if let Ok(d) = GvisorDriver::new(gvisor_config(&parent)) {
+            let _ = rt.block_on(d.cleanup_orphans(&sandboxes));
+        }
+        if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+            for c in rd.flatten() {
+                let _ = std::fs::remove_dir(c.path().join(&parent));
+            }
+        }
+    })
+    .join();
 }
 
 pub async fn raw(addr: SocketAddr, method: Method, path: &str, body: Bytes) -> (StatusCode, Bytes) {
@@ -336,9 +328,9 @@ impl Job {
     }
 }
 
-/// Processes on this machine whose command line mentions `needle`.
-pub fn processes_mentioning(needle: &str) -> usize {
-    vmhost::sys::procs::find_by_cmdline(needle).len()
+/// runsc processes of the sandboxes under run directory `run`.
+pub fn sandbox_processes(run: &Path) -> usize {
+    vmhost::sys::procs::find_by_cmdline(&format!("--root={}/sandboxes/", run.display())).len()
 }
 
 /// Lines of this process's mount table.
@@ -349,15 +341,19 @@ pub fn mount_count() -> usize {
         .count()
 }
 
-/// Cgroup directories under `parent`, across controllers.
+/// Distinct cgroups under `parent`, in any controller.
 pub fn cgroups_under(parent: &str) -> usize {
-    let mut n = 0;
+    let mut names = std::collections::BTreeSet::new();
     for c in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
         if let Ok(rd) = std::fs::read_dir(c.path().join(parent)) {
-            n += rd.flatten().filter(|e| e.path().is_dir()).count();
+            names.extend(
+                rd.flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name()),
+            );
         }
     }
-    n
+    names.len()
 }
 
 /// Entries under `dir`, recursively.
