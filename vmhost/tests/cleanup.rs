@@ -194,7 +194,7 @@ async fn a_vmhost_killed_with_sigkill_cleans_up_at_its_next_start() {
     // The orphans are still there: runsc processes, cgroups, directories.
     assert!(common::sandbox_processes(run.path()) >= 4);
     assert_eq!(common::cgroups_under(&cgroup), 2);
-    assert_eq!(common::files_under(&run.path().join("sandboxes")) > 0, true);
+    assert!(common::files_under(&run.path().join("sandboxes")) > 0);
 
     left.children
         .push(serve(data.path(), run.path(), port, &cgroup));
