@@ -515,3 +515,75 @@ async fn operations_on_a_busy_sandbox_are_refused_not_queued() {
     assert_eq!(s_status, StatusCode::CREATED, "{s:?}");
     th.stop().await;
 }
+
+const ECHO: &str = "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('127.0.0.1', 8765))\ns.listen()\nwhile True:\n    c, _ = s.accept()\n    while True:\n        d = c.recv(65536)\n        if not d:\n            break\n        c.sendall(d)\n    c.close()\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ports_are_listed_and_reached_through_a_tunnel() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let th = TestHost::start().await;
+    th.build("python").await;
+    let sb = th.create(json!({"template": "python"})).await;
+    let id = sb["sandbox_id"].as_str().unwrap().to_string();
+    let (status, v) = th
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{id}/processes"),
+            json!({"cmd": "/usr/bin/python3", "args": ["-c", ECHO], "background": true, "tag": "echo"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, v) = th
+            .call(Method::GET, &format!("/sandboxes/{id}/ports"), Value::Null)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        if v.to_string().contains("8765") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "port never listed: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut conn = tokio::net::TcpStream::connect(th.addr).await.unwrap();
+    conn.write_all(
+        format!("GET /sandboxes/{id}/ports/8765/tunnel HTTP/1.1\r\nHost: vmhost\r\nConnection: upgrade\r\nUpgrade: tcp\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(
+            conn.read(&mut b).await.unwrap(),
+            1,
+            "closed during the handshake"
+        );
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    for msg in ["ping\n", "a longer line through the tunnel\n"] {
+        conn.write_all(msg.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, msg.as_bytes());
+    }
+    // Nothing listens on another port: envd's error comes back as it is.
+    let (status, v) = th
+        .call(
+            Method::GET,
+            &format!("/sandboxes/{id}/ports/8766/tunnel"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    th.stop().await;
+}

@@ -45,6 +45,7 @@ pub fn router(host: Arc<Host>) -> Router {
         .route("/sandboxes/{id}/files", any(proxy::forward))
         .route("/sandboxes/{id}/files/{*rest}", any(proxy::forward))
         .route("/sandboxes/{id}/ports", any(proxy::forward))
+        .route("/sandboxes/{id}/ports/{port}/tunnel", get(proxy::tunnel))
         .route("/sandboxes/{id}/metrics", any(proxy::forward))
         .route("/snapshots", get(list_snapshots))
         .route("/snapshots/{id}", delete(delete_snapshot))

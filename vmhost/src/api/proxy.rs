@@ -186,6 +186,66 @@ impl TerminalWatcher {
     }
 }
 
+/// `GET /sandboxes/{id}/ports/{port}/tunnel` with `Connection: upgrade`
+/// and `Upgrade: tcp`: answers 101, then the connection carries raw bytes
+/// to `127.0.0.1:PORT` inside the sandbox, through an HTTP/2 CONNECT
+/// stream on the envd link (the same connection every other request uses).
+pub async fn tunnel(
+    State(h): State<Arc<Host>>,
+    Path((id, port)): Path<(String, String)>,
+    mut req: Request,
+) -> Result<Response, HostError> {
+    let port: u16 =
+        port.parse().ok().filter(|p| *p != 0).ok_or_else(|| {
+            HostError::BadRequest(format!("port: {port:?} is not a port (1-65535)"))
+        })?;
+    let wants_tcp = req
+        .headers()
+        .get(http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("tcp"));
+    if !wants_tcp {
+        return Err(HostError::BadRequest(
+            "upgrade: a tunnel needs `Connection: upgrade` and `Upgrade: tcp`".into(),
+        ));
+    }
+    let sb = h.running(&id)?;
+    let connect = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("127.0.0.1:{port}"))
+        .body(Body::empty())
+        .map_err(|e| HostError::Internal(e.to_string()))?;
+    let mut resp = sb
+        .link()
+        .send(connect, CONNECT)
+        .await
+        .map_err(|e| HostError::Envd(format!("{e}")))?;
+    if resp.status() != http::StatusCode::OK {
+        // envd's own error (nothing listens there, …), passed on as it is.
+        let (parts, body) = resp.into_parts();
+        let mut back = Response::new(Body::new(body));
+        *back.status_mut() = parts.status;
+        copy_headers(&parts.headers, back.headers_mut());
+        return Ok(back);
+    }
+    let inner = hyper::upgrade::on(&mut resp);
+    let outer = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let (Ok(inner), Ok(outer)) = (inner.await, outer.await) else {
+            return;
+        };
+        let mut inner = hyper_util::rt::TokioIo::new(inner);
+        let mut outer = hyper_util::rt::TokioIo::new(outer);
+        let _ = tokio::io::copy_bidirectional(&mut outer, &mut inner).await;
+    });
+    Ok(Response::builder()
+        .status(http::StatusCode::SWITCHING_PROTOCOLS)
+        .header(http::header::CONNECTION, "upgrade")
+        .header(http::header::UPGRADE, "tcp")
+        .body(Body::empty())
+        .unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
