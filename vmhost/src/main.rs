@@ -22,6 +22,7 @@ enum Top {
     /// Run the host agent: sandboxes, templates and snapshots of this
     /// machine behind an HTTP API. Leftovers of a previous run (processes,
     /// cgroups, sockets) are removed at start.
+    #[command(after_long_help = API_HELP)]
     Serve(vmhost::config::ServeArgs),
     /// Templates: root filesystems built from runtimes/ recipes.
     Template {
@@ -71,6 +72,20 @@ enum TemplateCmd {
         mirror: String,
     },
 }
+
+const API_HELP: &str = "\
+The API (JSON; errors are {\"error\": {\"code\", \"message\"}}):
+  POST /templates/{name}/build[?force=true]  build + bake a template (NDJSON progress)
+  GET  /templates                            templates and their snapshots
+  POST /sandboxes {\"template\", \"limits\", \"env\", \"metadata\", \"timeout_ms\"}
+  POST /sandboxes/restore {\"snapshot_id\", ...}
+  GET  /sandboxes, GET /sandboxes/{id}, DELETE /sandboxes/{id}
+  POST /sandboxes/{id}/pause | /resume | /snapshot
+  POST /sandboxes/{id}/run {\"code\", \"args\", \"env\", \"stdin\", \"timeout_ms\"}
+  ANY  /sandboxes/{id}/processes..., /files..., /ports..., /metrics  (envd's API)
+  GET  /sandboxes/{id}/ports/{port}/tunnel   (Upgrade: tcp)
+  GET  /snapshots, DELETE /snapshots/{id}, GET /host, GET /metrics, GET /healthz
+See vmhost/README.md.";
 
 fn main() -> ExitCode {
     let command = match Cli::parse().command {
