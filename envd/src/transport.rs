@@ -198,8 +198,14 @@ async fn dial_slot(
     }
 }
 
-fn socket_identity(path: &Path) -> Option<(u64, u64)> {
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+/// What tells two host sockets apart: device and inode, and the change
+/// time to the nanosecond, because a new socket may reuse the inode number
+/// of the one it replaced (seen: a restore's fresh socket with the deleted
+/// one's inode, so envd kept probing instead of dialing).
+fn socket_identity(path: &Path) -> Option<(u64, u64, i64, i64)> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
 }
 
 /// After a prepare: returns once the host socket stopped answering (refused

@@ -692,7 +692,10 @@ impl Host {
         }
     }
 
-    /// One JSON request to a sandbox's envd; the whole answer.
+    /// One JSON request to a sandbox's envd; the whole answer. A request
+    /// that fails on its connection before any answer is sent once more on
+    /// the next connection envd makes (a connection can die at birth: a
+    /// quiesced envd's probe of the host socket is one).
     pub async fn envd_json(
         &self,
         sb: &Sandbox,
@@ -701,18 +704,30 @@ impl Host {
         body: &Value,
         timeout: Duration,
     ) -> Result<(http::StatusCode, Bytes), HostError> {
-        let req = http::Request::builder()
-            .method(method)
-            .uri(format!("http://envd{path}"))
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Body::from(body.to_string()))
-            .map_err(|e| HostError::Internal(e.to_string()))?;
         let call = async {
-            let resp = sb
-                .link
-                .send(req, ENVD_CONNECT)
-                .await
-                .map_err(|e| envd_failed(&e))?;
+            let mut attempt = 0;
+            let resp = loop {
+                attempt += 1;
+                let req = http::Request::builder()
+                    .method(method.clone())
+                    .uri(format!("http://envd{path}"))
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(body.to_string()))
+                    .map_err(|e| HostError::Internal(e.to_string()))?;
+                let connect = if attempt == 1 {
+                    ENVD_CONNECT
+                } else {
+                    Duration::from_secs(2)
+                };
+                match sb.link.send(req, connect).await {
+                    Ok(resp) => break resp,
+                    Err(LinkError::Request(e)) if attempt == 1 => {
+                        tracing::debug!(sandbox_id = %sb.id, error = %e, "envd connection failed; retrying on the next");
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err(e) => return Err(envd_failed(&e)),
+                }
+            };
             let status = resp.status();
             let bytes = resp
                 .into_body()
