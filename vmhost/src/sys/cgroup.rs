@@ -91,26 +91,37 @@ impl Cgroup {
         self.dir("freezer").is_dir()
     }
 
-    /// Freezes every task and waits (≤ 5 s) until the kernel says FROZEN.
+    /// Freezes every task and waits until the kernel says FROZEN. A freeze
+    /// that does not complete within 100 ms is undone and tried again (up to
+    /// 20 times): seen here, a gVisor ptrace stub in a traced stop whose
+    /// tracer froze first stays unfrozen forever; after a thaw the next
+    /// freeze catches it.
     pub fn freeze(&self) -> Result<(), CgroupError> {
-        self.write("freezer", "freezer.state", "FROZEN")?;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let state = self.read("freezer", "freezer.state")?;
-            if state.trim() == "FROZEN" {
-                return Ok(());
+        const ATTEMPTS: u32 = 20;
+        for attempt in 1..=ATTEMPTS {
+            self.write("freezer", "freezer.state", "FROZEN")?;
+            let deadline = Instant::now() + Duration::from_millis(100);
+            loop {
+                let state = self.read("freezer", "freezer.state")?;
+                if state.trim() == "FROZEN" {
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(200));
             }
-            if Instant::now() > deadline {
-                // Leave nothing half-frozen behind.
-                let _ = self.thaw();
-                return Err(CgroupError {
-                    op: "freeze (still FREEZING after 5 s)",
-                    path: self.dir("freezer"),
-                    source: std::io::Error::from(std::io::ErrorKind::TimedOut),
-                });
+            // Leave nothing half-frozen behind, let the stragglers run, retry.
+            self.thaw()?;
+            if attempt < ATTEMPTS {
+                std::thread::sleep(Duration::from_millis(2));
             }
-            std::thread::sleep(Duration::from_micros(200));
         }
+        Err(CgroupError {
+            op: "freeze (still FREEZING after 20 tries)",
+            path: self.dir("freezer"),
+            source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+        })
     }
 
     /// Thaws every task.

@@ -271,7 +271,10 @@ impl Driver for GvisorDriver {
 
     async fn pause(&self, s: &DriverState) -> Result<(), DriverError> {
         let cg = Cgroup::new(&self.cfg.cgroup_root, &state(s).cgroup);
-        cg.freeze()
+        // Freezing polls (and may retry): keep it off the async workers.
+        tokio::task::spawn_blocking(move || cg.freeze())
+            .await
+            .map_err(|e| DriverError::Freeze(format!("freeze task: {e}")))?
             .map_err(|e| DriverError::Freeze(format!("{e}: {}", error_source(&e))))
     }
 
