@@ -8,7 +8,9 @@ semantics of ``python3 -c CODE ARGS...``: ``sys.argv == ['-c', *ARGS]``,
 exception, stdin readable to EOF, output on the runner's own stdout/stderr.
 """
 
+import atexit
 import builtins
+import gc
 import json
 import os
 import socket
@@ -107,8 +109,41 @@ def main():
         conn.close()
     except OSError:
         pass
-    # sys.exit prints a non-integer code to stderr and exits 1, as python does.
-    sys.exit(status)
+    finish(status)
+
+
+def exit_code(status):
+    """The process status `sys.exit(status)` would give."""
+    if status is None:
+        return 0
+    if isinstance(status, int):
+        return status & 0xFF
+    # A non-integer code is printed to stderr and exits 1, as python does.
+    print(status, file=sys.stderr)
+    return 1
+
+
+def finish(status):
+    """Ends the process as `python3 -c` would, minus the interpreter's
+    teardown of every module, which costs ≈ 18 ms of system calls under
+    gVisor: wait for non-daemon threads, run atexit handlers, drop the job's
+    globals (so files it left open are flushed and closed), collect
+    cycles, flush stdio, then `_exit`."""
+    try:
+        code = exit_code(status)
+        threading = sys.modules.get("threading")
+        if threading is not None and hasattr(threading, "_shutdown"):
+            threading._shutdown()
+        atexit._run_exitfuncs()
+        main = sys.modules.get("__main__")
+        if main is not None:
+            main.__dict__.clear()
+        gc.collect()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        sys.exit(status)
+    os._exit(code)
 
 
 if __name__ == "__main__":
