@@ -53,6 +53,27 @@ pub struct ServeArgs {
     /// Largest scratch disk (`/tmp`) a sandbox may ask for, in bytes.
     #[arg(long, env = "THAW_MAX_DISK_BYTES", default_value_t = 4 << 30)]
     pub max_disk_bytes: u64,
+    /// Register with the pool (Redis at `--redis-url`) and send heartbeats,
+    /// so pool-managers place warm sandboxes here (distributed mode).
+    #[arg(long, env = "THAW_VMHOST_REGISTER", default_value_t = false)]
+    pub register: bool,
+    /// The shared Redis of distributed mode.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Prefix of every Redis key (one per thaw installation).
+    #[arg(long, env = "THAW_REDIS_PREFIX", default_value = "thaw:")]
+    pub redis_prefix: String,
+    /// This host's id in the registry [default: `host_` + the listen port
+    /// and machine name].
+    #[arg(long, env = "THAW_HOST_ID")]
+    pub host_id: Option<String>,
+    /// The URL others reach this vmhost at [default: `http://` + --listen].
+    #[arg(long, env = "THAW_VMHOST_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+    /// Time between heartbeats, in milliseconds; a host is dead after
+    /// three missed ones.
+    #[arg(long, env = "THAW_HEARTBEAT_MS", default_value_t = 500)]
+    pub heartbeat_ms: u64,
     /// Debian mirror for template bases.
     #[arg(
         long,
@@ -63,6 +84,27 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// This host's registry id.
+    pub fn host_id(&self) -> String {
+        self.host_id.clone().unwrap_or_else(|| {
+            let name = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+            let name: String = name
+                .trim()
+                .chars()
+                .filter(char::is_ascii_alphanumeric)
+                .take(32)
+                .collect();
+            format!("host_{name}{}", self.listen.port())
+        })
+    }
+
+    /// The URL this vmhost is reached at.
+    pub fn advertise_url(&self) -> String {
+        self.advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+
     /// The envd binary: the flag, or `envd` beside this executable.
     pub fn envd_binary(&self) -> PathBuf {
         self.envd.clone().unwrap_or_else(|| {

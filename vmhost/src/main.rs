@@ -191,14 +191,64 @@ async fn run(args: vmhost::config::ServeArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("listen on {}: {e}", args.listen))?;
     tracing::info!(listen = %args.listen, "vmhost serving");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let heartbeats = if args.register {
+        Some(tokio::spawn(
+            register(args.clone(), host.clone(), stop_rx).await?,
+        ))
+    } else {
+        None
+    };
     let app = vmhost::api::router(host.clone());
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|e| format!("serving: {e}"))?;
+    let _ = stop_tx.send(true);
+    if let Some(h) = heartbeats {
+        let _ = h.await;
+    }
     tracing::info!("draining: destroying every sandbox");
     host.shutdown().await;
     Ok(())
+}
+
+/// Connects to the registry and returns the heartbeat loop to spawn.
+async fn register(
+    args: vmhost::config::ServeArgs,
+    host: std::sync::Arc<vmhost::host::Host>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<impl std::future::Future<Output = ()>, String> {
+    use pool_manager::store::redis::RedisStore;
+    let store = std::sync::Arc::new(
+        RedisStore::connect(&args.redis_url, &args.redis_prefix)
+            .await
+            .map_err(|e| format!("registering at {}: {e}", args.redis_url))?,
+    );
+    let host_id = args.host_id();
+    let url = args.advertise_url();
+    let max = args.max_sandboxes as u64;
+    let interval = std::time::Duration::from_millis(args.heartbeat_ms.max(50));
+    tracing::info!(host_id = %host_id, url = %url, "registering with the pool");
+    Ok(pool_manager::registry::heartbeat_loop(
+        store,
+        move || {
+            let cap = vmhost::hostinfo::capacity();
+            let live: usize = host.counts().values().sum();
+            let info = pool_manager::store::HostInfo {
+                host_id: host_id.clone(),
+                url: url.clone(),
+                max_sandboxes: max,
+                sandboxes: live as u64,
+                memory_bytes: cap.memory_bytes,
+                memory_available_bytes: cap.memory_available_bytes,
+            };
+            async move { info }
+        },
+        interval,
+        interval * 3,
+        stop,
+    ))
 }
 
 /// SIGINT or SIGTERM.
