@@ -32,9 +32,17 @@ struct Config {
     /// Prefix of every Redis key (one per thaw installation).
     #[arg(long, env = "THAW_REDIS_PREFIX", default_value = "thaw:")]
     redis_prefix: String,
-    /// Targets to set at start, `template=count` (repeatable or
-    /// comma-separated), e.g. `--target python=4,node=2`.
-    #[arg(long, env = "THAW_POOL_TARGETS", value_delimiter = ',')]
+    /// Targets for templates that have none yet, `template=count`
+    /// (repeatable or comma-separated); a target set through the API is
+    /// kept across restarts. The defaults follow what one host sustains:
+    /// ≈ 3 restores a second with two at a time (bench/results/sandboxes.json),
+    /// so a target of 4 refills in about a second and a half.
+    #[arg(
+        long,
+        env = "THAW_POOL_TARGETS",
+        value_delimiter = ',',
+        default_value = "python=4,node=2,bash=2,python-data=2"
+    )]
     target: Vec<String>,
     /// Time between refill passes, in milliseconds.
     #[arg(long, env = "THAW_POOL_INTERVAL_MS", default_value_t = 100)]
@@ -78,6 +86,7 @@ async fn run(cfg: Config) -> Result<(), String> {
             .await
             .map_err(|e| format!("redis at {}: {e}", cfg.redis_url))?,
     );
+    let existing = store.counts().await.map_err(|e| e.to_string())?;
     for t in &cfg.target {
         let Some((name, n)) = t.split_once('=') else {
             return Err(format!("--target {t:?}: write template=count"));
@@ -86,6 +95,9 @@ async fn run(cfg: Config) -> Result<(), String> {
             .trim()
             .parse()
             .map_err(|_| format!("--target {t:?}: the count is not a number"))?;
+        if existing.get(name.trim()).is_some_and(|c| c.target > 0) {
+            continue;
+        }
         store
             .set_target(name.trim(), n)
             .await

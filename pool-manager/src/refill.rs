@@ -54,8 +54,10 @@ struct State {
     pending: HashMap<String, u64>,
     /// Sandboxes being made, by host.
     pending_on: HashMap<String, u64>,
-    /// Hosts backed off: until when, and how many failures in a row.
-    backoff: HashMap<String, (Instant, u32)>,
+    /// (host, template) pairs backed off: until when, and how many failures
+    /// in a row. Per template: a host that lacks one template still takes
+    /// the others.
+    backoff: HashMap<(String, String), (Instant, u32)>,
     /// Hosts seen alive at the last pass (to count deaths).
     alive: Vec<String>,
 }
@@ -156,7 +158,7 @@ impl<S: Store, H: Hosts> Refiller<S, H> {
                 .unwrap_or(0);
             let missing = c.target.saturating_sub(c.ready + pending);
             for _ in 0..missing {
-                let Some(host) = self.place(&hosts) else {
+                let Some(host) = self.place(&hosts, &template) else {
                     break;
                 };
                 self.start(host, template.clone());
@@ -178,14 +180,14 @@ impl<S: Store, H: Hosts> Refiller<S, H> {
 
     /// The host with the most room that is not backed off and not at its
     /// limits, counting what is being made there; reserves a slot on it.
-    fn place(&self, hosts: &[HostInfo]) -> Option<HostInfo> {
+    fn place(&self, hosts: &[HostInfo], template: &str) -> Option<HostInfo> {
         let mut st = lock(&self.state);
         let now = Instant::now();
         let best = hosts
             .iter()
             .filter(|h| {
                 st.backoff
-                    .get(&h.host_id)
+                    .get(&(h.host_id.clone(), template.to_string()))
                     .is_none_or(|(until, _)| *until <= now)
             })
             .filter_map(|h| {
@@ -216,7 +218,9 @@ impl<S: Store, H: Hosts> Refiller<S, H> {
                     };
                     match this.store.add_ready(&sb).await {
                         Ok(()) => {
-                            lock(&this.state).backoff.remove(&host.host_id);
+                            lock(&this.state)
+                                .backoff
+                                .remove(&(host.host_id.clone(), template.clone()));
                             "ok"
                         }
                         Err(e) => {
@@ -229,14 +233,14 @@ impl<S: Store, H: Hosts> Refiller<S, H> {
                 Err(e) => {
                     tracing::warn!(host_id = %host.host_id, template = %template, error = %e, "refill failed; backing off");
                     let mut st = lock(&this.state);
-                    let failures = st.backoff.get(&host.host_id).map_or(0, |(_, n)| *n) + 1;
+                    let key = (host.host_id.clone(), template.clone());
+                    let failures = st.backoff.get(&key).map_or(0, |(_, n)| *n) + 1;
                     let wait = this
                         .cfg
                         .backoff
                         .saturating_mul(1 << failures.min(10))
                         .min(this.cfg.max_backoff);
-                    st.backoff
-                        .insert(host.host_id.clone(), (Instant::now() + wait, failures));
+                    st.backoff.insert(key, (Instant::now() + wait, failures));
                     "failed"
                 }
             };

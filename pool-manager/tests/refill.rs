@@ -24,6 +24,8 @@ struct FakeHosts {
     made: Mutex<Vec<(String, String)>>,
     destroyed: Mutex<Vec<String>>,
     failing: Mutex<HashSet<String>>,
+    /// (host, template) pairs that fail: a host without that template.
+    missing: Mutex<HashSet<(String, String)>>,
     attempts: Mutex<Vec<String>>,
     counter: Mutex<u64>,
 }
@@ -31,7 +33,12 @@ struct FakeHosts {
 impl Hosts for FakeHosts {
     async fn create_paused(&self, host: &HostInfo, template: &str) -> Result<String, HostsError> {
         self.attempts.lock().unwrap().push(host.host_id.clone());
-        if self.failing.lock().unwrap().contains(&host.host_id) {
+        let missing = self
+            .missing
+            .lock()
+            .unwrap()
+            .contains(&(host.host_id.clone(), template.to_string()));
+        if missing || self.failing.lock().unwrap().contains(&host.host_id) {
             return Err(HostsError::Unreachable {
                 host_id: host.host_id.clone(),
                 message: "down".into(),
@@ -260,4 +267,28 @@ async fn only_one_refiller_acts_and_another_takes_over_when_it_stops() {
         .unwrap();
     assert!(second.pass().await.unwrap().leader);
     assert!(!first.pass().await.unwrap().leader);
+}
+
+#[tokio::test]
+async fn a_host_missing_one_template_still_takes_the_others() {
+    let store = Arc::new(MemoryStore::new());
+    let hosts = Arc::new(FakeHosts::default());
+    store
+        .heartbeat(&host("host_a", 20, 0), Duration::from_secs(60), now_ms())
+        .await
+        .unwrap();
+    hosts
+        .missing
+        .lock()
+        .unwrap()
+        .insert(("host_a".into(), "node".into()));
+    store.set_target("node", 2).await.unwrap();
+    store.set_target("python", 3).await.unwrap();
+    let r = refiller(&store, &hosts, "r1");
+    for _ in 0..3 {
+        r.pass().await.unwrap();
+        settle().await;
+    }
+    let counts = store.counts().await.unwrap();
+    assert_eq!((counts["python"].ready, counts["node"].ready), (3, 0));
 }
