@@ -816,77 +816,80 @@ impl Host {
         }
     }
 
-    /// `POST /sandboxes/{id}/pause`: freezes a running sandbox.
+    /// `POST /sandboxes/{id}/pause`: freezes a running sandbox (its
+    /// wall-time clock stops).
     pub async fn pause(self: &Arc<Self>, id: &str) -> Result<SandboxView, HostError> {
-        let sb = self.get(id)?;
-        let guard = self.try_op(&sb)?;
-        Self::require(&sb, &[SandboxState::Running], "pause it")?;
-        let Some(state) = guard.as_ref() else {
-            return Err(HostError::Internal(format!(
-                "sandbox {id} has no driver state"
-            )));
-        };
-        sb.set_state(SandboxState::Pausing);
-        let t0 = Instant::now();
-        match self.driver.pause(state).await {
-            Ok(()) => {
-                Self::disarm_timer(&sb);
-                let took = t0.elapsed();
-                {
-                    let mut s = lock(&sb.status);
-                    s.state = SandboxState::Paused;
-                    s.timings = BTreeMap::from([("pause_ms".to_string(), ms(took))]);
-                }
-                self.metrics
-                    .op_duration
-                    .with_label_values(&["pause"])
-                    .observe(took.as_secs_f64());
-                drop(guard);
-                Ok(self.view_of(&sb))
-            }
-            Err(e) => {
-                // Half-frozen is worse than gone.
-                drop(guard);
-                self.destroy_in_background(&sb, ExitReason::Failed);
-                Err(driver_failed(e))
-            }
-        }
+        self.freeze_transition(id, true).await
     }
 
-    /// `POST /sandboxes/{id}/resume`: thaws a paused sandbox.
+    /// `POST /sandboxes/{id}/resume`: thaws a paused sandbox (its
+    /// wall-time clock starts again).
     pub async fn resume(self: &Arc<Self>, id: &str) -> Result<SandboxView, HostError> {
+        self.freeze_transition(id, false).await
+    }
+
+    /// Pause (`freeze`) or resume: the same checks, timing and failure
+    /// handling (a half-frozen sandbox is worse than a gone one, so a
+    /// failure destroys it).
+    async fn freeze_transition(
+        self: &Arc<Self>,
+        id: &str,
+        freeze: bool,
+    ) -> Result<SandboxView, HostError> {
+        let (from, during, to, op, timing) = if freeze {
+            (
+                SandboxState::Running,
+                SandboxState::Pausing,
+                SandboxState::Paused,
+                "pause",
+                "pause_ms",
+            )
+        } else {
+            (
+                SandboxState::Paused,
+                SandboxState::Resuming,
+                SandboxState::Running,
+                "resume",
+                "resume_ms",
+            )
+        };
         let sb = self.get(id)?;
         let guard = self.try_op(&sb)?;
-        Self::require(&sb, &[SandboxState::Paused], "resume it")?;
+        Self::require(&sb, &[from], if freeze { "pause it" } else { "resume it" })?;
         let Some(state) = guard.as_ref() else {
             return Err(HostError::Internal(format!(
                 "sandbox {id} has no driver state"
             )));
         };
-        sb.set_state(SandboxState::Resuming);
+        sb.set_state(during);
         let t0 = Instant::now();
-        match self.driver.resume(state).await {
-            Ok(()) => {
-                let took = t0.elapsed();
-                {
-                    let mut s = lock(&sb.status);
-                    s.state = SandboxState::Running;
-                    s.timings = BTreeMap::from([("resume_ms".to_string(), ms(took))]);
-                }
-                self.arm_timer(&sb);
-                self.metrics
-                    .op_duration
-                    .with_label_values(&["resume"])
-                    .observe(took.as_secs_f64());
-                drop(guard);
-                Ok(self.view_of(&sb))
-            }
-            Err(e) => {
-                drop(guard);
-                self.destroy_in_background(&sb, ExitReason::Failed);
-                Err(driver_failed(e))
-            }
+        let done = if freeze {
+            self.driver.pause(state).await
+        } else {
+            self.driver.resume(state).await
+        };
+        if let Err(e) = done {
+            drop(guard);
+            self.destroy_in_background(&sb, ExitReason::Failed);
+            return Err(driver_failed(e));
         }
+        let took = t0.elapsed();
+        {
+            let mut s = lock(&sb.status);
+            s.state = to;
+            s.timings = BTreeMap::from([(timing.to_string(), ms(took))]);
+        }
+        drop(guard);
+        if freeze {
+            Self::disarm_timer(&sb);
+        } else {
+            self.arm_timer(&sb);
+        }
+        self.metrics
+            .op_duration
+            .with_label_values(&[op])
+            .observe(took.as_secs_f64());
+        Ok(self.view_of(&sb))
     }
 
     /// `POST /sandboxes/{id}/snapshot`: writes the sandbox to a new user

@@ -95,28 +95,6 @@ fn serve(data: &std::path::Path, run: &std::path::Path, port: u16, cgroup: &str)
         .unwrap()
 }
 
-async fn wait_healthy(addr: std::net::SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            let (status, _) = common::raw(addr, Method::GET, "/healthz", bytes::Bytes::new()).await;
-            if status == StatusCode::OK {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "vmhost never became healthy");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Whatever the test leaves if it fails halfway: vmhost processes and
 /// their sandboxes.
 struct Leftovers {
@@ -148,11 +126,11 @@ async fn a_vmhost_killed_with_sigkill_cleans_up_at_its_next_start() {
         sandboxes: run.path().join("sandboxes"),
         cgroup: cgroup.clone(),
     };
-    let port = free_port();
+    let port = common::free_port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     left.children
         .push(serve(data.path(), run.path(), port, &cgroup));
-    wait_healthy(addr).await;
+    common::wait_healthy(addr).await;
     let (status, events) = common::raw(
         addr,
         Method::POST,
@@ -198,7 +176,7 @@ async fn a_vmhost_killed_with_sigkill_cleans_up_at_its_next_start() {
 
     left.children
         .push(serve(data.path(), run.path(), port, &cgroup));
-    wait_healthy(addr).await;
+    common::wait_healthy(addr).await;
     assert_eq!(common::sandbox_processes(run.path()), 0);
     assert_eq!(common::cgroups_under(&cgroup), 0);
     assert_eq!(common::files_under(&run.path().join("sandboxes")), 0);

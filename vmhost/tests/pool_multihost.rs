@@ -37,14 +37,6 @@ fn workspace_bin(name: &str) -> PathBuf {
     path
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Vmhost {
     child: Option<Child>,
     port: u16,
@@ -63,7 +55,7 @@ impl Vmhost {
             .unwrap();
         let mut v = Vmhost {
             child: None,
-            port: free_port(),
+            port: common::free_port(),
             data,
             run,
             cgroup: format!("thaw-test-pool-{}-{name}", std::process::id()),
@@ -149,20 +141,6 @@ impl Drop for Daemon {
     }
 }
 
-async fn wait_healthy(addr: std::net::SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            let (status, _) = common::raw(addr, Method::GET, "/healthz", bytes::Bytes::new()).await;
-            if status == StatusCode::OK {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "{addr} never became healthy");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn call(
     addr: std::net::SocketAddr,
     method: Method,
@@ -206,7 +184,7 @@ async fn hosts_die_daemons_die_and_the_pool_carries_on() {
     let mut a = Vmhost::spawn(&prefix, "a");
     let b = Vmhost::spawn(&prefix, "b");
     for v in [&a, &b] {
-        wait_healthy(v.addr()).await;
+        common::wait_healthy(v.addr()).await;
         let (status, events) = common::raw(
             v.addr(),
             Method::POST,
@@ -217,10 +195,10 @@ async fn hosts_die_daemons_die_and_the_pool_carries_on() {
         assert_eq!(status, StatusCode::OK);
         assert!(String::from_utf8_lossy(&events).contains("\"type\":\"result\""));
     }
-    let port = free_port();
+    let port = common::free_port();
     let daemon_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let daemon = Daemon::spawn(&prefix, port, "python=4");
-    wait_healthy(daemon_addr).await;
+    common::wait_healthy(daemon_addr).await;
     let (a_id, b_id) = (a.host_id.clone(), b.host_id.clone());
     let ids = [a_id.as_str(), b_id.as_str()];
     // The target is met, spread over both hosts.
@@ -322,7 +300,7 @@ async fn hosts_die_daemons_die_and_the_pool_carries_on() {
     // Nothing of a leaks once it starts again: it removes its orphans.
     assert!(a.sandbox_processes() > 0);
     a.start(&prefix);
-    wait_healthy(a.addr()).await;
+    common::wait_healthy(a.addr()).await;
     // (A restarted host may get new warm sandboxes; the old ones are gone.)
     let (_, metrics) = common::raw(a.addr(), Method::GET, "/metrics", bytes::Bytes::new()).await;
     assert!(
@@ -345,9 +323,9 @@ async fn hosts_die_daemons_die_and_the_pool_carries_on() {
         .expect("ready sandboxes outlive the daemon");
     store.release(&l.lease_id, "t3").await.unwrap();
     // A standby daemon takes over the refilling once the lock lapses.
-    let port2 = free_port();
+    let port2 = common::free_port();
     let standby = Daemon::spawn(&prefix, port2, "python=4");
-    wait_healthy(format!("127.0.0.1:{port2}").parse().unwrap()).await;
+    common::wait_healthy(format!("127.0.0.1:{port2}").parse().unwrap()).await;
     wait_ready(&*store, &ids, "the standby refills", |n| {
         n.iter().sum::<usize>() == 4
     })

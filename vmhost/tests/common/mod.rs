@@ -371,3 +371,46 @@ pub fn files_under(dir: &Path) -> usize {
         })
         .sum()
 }
+
+/// A loopback port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits (≤ 60 s) until the service at `addr` answers `GET /healthz`; a
+/// connection that is refused or dropped while it starts is retried.
+pub async fn wait_healthy(addr: SocketAddr) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if healthz(addr).await == Some(StatusCode::OK) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{addr} never became healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn healthz(addr: SocketAddr) -> Option<StatusCode> {
+    let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri("/healthz")
+        .header("host", "vmhost")
+        .body(Full::new(Bytes::new()))
+        .ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
+        .await
+        .ok()?
+        .ok()?;
+    Some(resp.status())
+}
