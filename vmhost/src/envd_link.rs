@@ -48,7 +48,7 @@ pub enum LinkError {
 #[derive(Debug)]
 pub struct EnvdLink {
     socket: PathBuf,
-    senders: watch::Receiver<Option<SendRequest<Body>>>,
+    senders: watch::Receiver<Option<(SendRequest<Body>, tokio::task::AbortHandle)>>,
     acceptor: JoinHandle<()>,
 }
 
@@ -75,12 +75,12 @@ impl EnvdLink {
                     .await;
                 match handshake {
                     Ok((sender, conn)) => {
-                        tokio::spawn(async move {
+                        let task = tokio::spawn(async move {
                             if let Err(e) = conn.await {
                                 tracing::debug!(error = %e, "envd connection ended");
                             }
                         });
-                        tx.send_replace(Some(sender));
+                        tx.send_replace(Some((sender, task.abort_handle())));
                     }
                     Err(e) => tracing::warn!(error = %e, "envd connection handshake failed"),
                 }
@@ -107,7 +107,7 @@ impl EnvdLink {
         let mut rx = self.senders.clone();
         let wait = async {
             loop {
-                if let Some(s) = rx.borrow_and_update().as_ref() {
+                if let Some((s, _)) = rx.borrow_and_update().as_ref() {
                     if !s.is_closed() {
                         return Ok(s.clone());
                     }
@@ -131,6 +131,14 @@ impl EnvdLink {
         let mut c = self.client(connect_timeout).await?;
         c.ready().await.map_err(LinkError::Request)?;
         c.send_request(req).await.map_err(LinkError::Request)
+    }
+
+    /// Closes the connection in use (one that stopped answering), so envd
+    /// dials a new one; the next request waits for it.
+    pub fn reset(&self) {
+        if let Some((_, task)) = self.senders.borrow().as_ref() {
+            task.abort();
+        }
     }
 
     /// Stops taking connections and removes the socket file, so envd cannot

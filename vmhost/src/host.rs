@@ -643,9 +643,24 @@ impl Host {
                 "entropy": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, entropy),
                 "clock_ms": clock_ms,
             });
-            let (status, bytes) = self
-                .envd_json(&sb, http::Method::POST, "/init", &body, Duration::from_secs(10))
-                .await?;
+            // `/init` is idempotent: a connection that does not answer (seen
+            // rarely right after a restore, under load) is closed, envd
+            // dials again, and `/init` goes on the new one.
+            let mut attempt = 0;
+            let (status, bytes) = loop {
+                attempt += 1;
+                match self
+                    .envd_json(&sb, http::Method::POST, "/init", &body, Duration::from_secs(4))
+                    .await
+                {
+                    Ok(answer) => break answer,
+                    Err(e) if attempt < 3 => {
+                        tracing::warn!(sandbox_id = %id, error = %e, "envd did not answer /init; redialing");
+                        sb.link.reset();
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
             if !status.is_success() {
                 return Err(HostError::Envd(format!(
                     "/init answered {status}: {}",
